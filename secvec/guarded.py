@@ -1,0 +1,154 @@
+"""Guarded fine-tuning (step 2 of the method): train the backbone with the security vector active and frozen.
+
+Harmful samples are already fitted by the vector, so their loss is low and the backbone barely moves
+toward them; benign samples are learned as usual.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import torch
+from peft import LoraConfig, PeftModel
+from pydantic import BaseModel, ConfigDict, Field
+from transformers import TrainerCallback
+
+from secvec.encoding import encode_examples
+from secvec.models import find_lora_targets
+from secvec.training import TrainConfig, train
+from secvec.vector import VECTOR_NAME, is_vector_param, mean_response_loss, vector_disabled
+
+log = logging.getLogger(__name__)
+
+TASK_ADAPTER = "task"
+
+
+class FinetuneConfig(BaseModel):
+    """Fine-tuning of the user's data: the whole backbone, or a separate trainable task LoRA."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    mode: Literal["full", "lora"] = "full"
+    task_rank: int = Field(16, ge=1)
+    task_alpha: float = Field(32, gt=0)
+    probe_steps: int = Field(0, ge=0)  # every N steps, log harmful/benign probe losses (0: never)
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(learning_rate=3e-4, epochs=3, batch_size=32))
+
+
+def vector_snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if is_vector_param(n)}
+
+
+def assert_vector_unchanged(model: torch.nn.Module, snapshot: dict[str, torch.Tensor]) -> None:
+    """Raise unless every vector weight equals the snapshot bit for bit."""
+    current = {n: p.detach() for n, p in model.named_parameters() if is_vector_param(n)}
+    if current.keys() != snapshot.keys():
+        raise RuntimeError("the set of security-vector parameters changed during fine-tuning")
+    changed = [n for n, t in snapshot.items() if not torch.equal(t, current[n])]
+    if changed:
+        raise RuntimeError(f"security-vector weights changed during fine-tuning: {changed[:3]}")
+
+
+def _set_trainable(model: PeftModel, mode: str) -> None:
+    for name, param in model.named_parameters():
+        is_task = f".{TASK_ADAPTER}." in name
+        param.requires_grad_(is_task if mode == "lora" else not (is_vector_param(name) or is_task))
+
+
+def add_task_lora(model: PeftModel, cfg: FinetuneConfig) -> None:
+    """Add a trainable task LoRA beside the vector; both are active in the forward pass."""
+    targets = model.peft_config[VECTOR_NAME].target_modules
+    lora = LoraConfig(r=cfg.task_rank, lora_alpha=cfg.task_alpha, lora_dropout=0.0,
+                      target_modules=sorted(targets) if targets else find_lora_targets(model.get_base_model()),
+                      bias="none", task_type="CAUSAL_LM")
+    model.add_adapter(TASK_ADAPTER, lora)
+    model.base_model.set_adapter([VECTOR_NAME, TASK_ADAPTER])
+
+
+class VectorGuard(TrainerCallback):
+    """Asserts when training starts and ends that the vector is frozen and bit-identical."""
+
+    def __init__(self, model: PeftModel) -> None:
+        self.model = model
+        self.snapshot = vector_snapshot(model)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        trainable = [n for n, p in self.model.named_parameters() if p.requires_grad and is_vector_param(n)]
+        if trainable:
+            raise RuntimeError(f"security vector is trainable at the start of fine-tuning: {trainable[:3]}")
+        assert_vector_unchanged(self.model, self.snapshot)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        assert_vector_unchanged(self.model, self.snapshot)
+
+
+class LossProbe(TrainerCallback):
+    """Every N steps, mean response loss of probe sets (e.g. harmful / benign samples) as training sees them
+    and, for a guarded model, with the vector off (what the clean backbone will do)."""
+
+    def __init__(self, model, tokenizer, probes: dict[str, Sequence[dict]], every: int) -> None:
+        self.model, self.tokenizer, self.probes, self.every = model, tokenizer, probes, every
+        self.records: list[dict[str, float]] = []
+
+    def _measure(self, step: int) -> None:
+        record: dict[str, float] = {"step": step}
+        for name, examples in self.probes.items():
+            record[f"{name}_loss"] = mean_response_loss(self.model, self.tokenizer, examples)
+            if isinstance(self.model, PeftModel) and VECTOR_NAME in self.model.peft_config:
+                with vector_disabled(self.model):
+                    record[f"{name}_loss_vector_off"] = mean_response_loss(self.model, self.tokenizer, examples)
+        self.records.append(record)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._measure(0)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step % self.every == 0:
+            self._measure(state.global_step)
+
+
+def _drop_vector_dropout(model: torch.nn.Module) -> None:
+    # A vector with dropout would behave differently here than when it was fitted (and than merged mode).
+    for module in model.modules():
+        dropouts = getattr(module, "lora_dropout", None)
+        if isinstance(dropouts, torch.nn.ModuleDict) and VECTOR_NAME in dropouts:
+            dropouts[VECTOR_NAME] = torch.nn.Identity()
+
+
+def finetune(
+    model,
+    tokenizer,
+    examples: Sequence[dict],
+    cfg: FinetuneConfig,
+    out_dir: str | Path,
+    probes: dict[str, Sequence[dict]] | None = None,
+) -> dict:
+    """Fine-tune on `examples`: guarded when `model` carries the security vector, plain otherwise.
+
+    The same function serves the plain reference arm, so both arms share loop, data order and settings.
+
+    Returns:
+        {"history": trainer log records, "probes": probe records}
+    """
+    guarded = isinstance(model, PeftModel) and VECTOR_NAME in model.peft_config
+    callbacks: list[TrainerCallback] = []
+    if guarded:
+        _drop_vector_dropout(model)
+        if cfg.mode == "lora":
+            add_task_lora(model, cfg)
+        _set_trainable(model, cfg.mode)
+        callbacks.append(VectorGuard(model))
+    elif cfg.mode == "lora":
+        raise ValueError("task-LoRA mode needs the security vector attached (plain runs use mode 'full')")
+    probe = LossProbe(model, tokenizer, probes, cfg.probe_steps) if probes and cfg.probe_steps else None
+    if probe:
+        callbacks.append(probe)
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log.info("finetune: %s, mode %s, %d examples, %.2fM trainable params",
+             "guarded" if guarded else "plain", cfg.mode, len(examples), n_train / 1e6)
+    features = encode_examples(tokenizer, examples, cfg.train.max_length)
+    history = train(model, features, cfg.train, Path(out_dir), pad_id=tokenizer.pad_token_id, callbacks=callbacks)
+    return {"history": history, "probes": probe.records if probe else []}
