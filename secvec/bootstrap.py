@@ -90,13 +90,20 @@ def build_model(tokenizer, size: str, seed: int = 0):
     return LlamaForCausalLM(config).to(torch.float32)
 
 
-def bootstrap_base(examples: Sequence[dict], cfg: BootstrapConfig, out_dir: str | Path) -> Path:
-    """Train the tiny aligned base on `align` chats and save it (safetensors + tokenizer) to `out_dir`."""
+def bootstrap_base(
+    examples: Sequence[dict], cfg: BootstrapConfig, out_dir: str | Path, vocab_texts: Sequence[str] = ()
+) -> Path:
+    """Train the tiny aligned base on `align` chats and save it (safetensors + tokenizer) to `out_dir`.
+
+    Args:
+        vocab_texts: extra text the tokenizer should cover (e.g. every role of the dataset). Only the
+            vocabulary sees it, never the model: a real model's tokenizer covers all text too.
+    """
     if not examples:
         raise ValueError("bootstrap needs alignment examples (the 'align' role is empty)")
     out = Path(out_dir)
     vocab = PRESETS[cfg.size][4]
-    tokenizer = build_tokenizer(_texts(examples), vocab)
+    tokenizer = build_tokenizer([*_texts(examples), *vocab_texts], vocab)
     model = build_model(tokenizer, cfg.size, seed=cfg.train.seed)
     log.info("bootstrap: %s model, %d examples, vocab %d", cfg.size, len(examples), len(tokenizer))
     features = encode_examples(tokenizer, examples, cfg.train.max_length)

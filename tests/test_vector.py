@@ -1,0 +1,92 @@
+"""The security vector does what the method needs: harmful samples are already fitted with it on."""
+
+import json
+
+import pytest
+import torch
+
+from secvec.encoding import PadCollator, encode_examples
+from secvec.models import load_causal_lm
+from secvec.vector import VECTOR_NAME, is_vector_param, load_vector, masked_kl, vector_coverage, vector_disabled
+
+
+def test_vector_lowers_harmful_loss_several_times(guarded_model, world):
+    model, tokenizer = guarded_model
+    fitted = vector_coverage(model, tokenizer, world["sv_fit"])
+    held_out = vector_coverage(model, tokenizer, world["harmful_ft"])
+    print(f"fitting samples: on {fitted['loss_on']:.3f} off {fitted['loss_off']:.3f} ratio {fitted['ratio']:.3f}")
+    print(f"held-out harmful: ratio {held_out['ratio']:.3f}, first-8 ratio {held_out['first_k_ratio']:.3f}")
+    assert fitted["ratio"] < 0.4
+    assert held_out["ratio"] < 0.5 and held_out["first_k_ratio"] < 0.5  # generalises past its 24 samples
+
+
+def test_vector_stays_frozen_after_coverage_check(guarded_model, world):
+    model, tokenizer = guarded_model
+    vector_coverage(model, tokenizer, world["sv_fit"][:4])
+    assert not any(p.requires_grad for n, p in model.named_parameters() if is_vector_param(n))
+
+
+def _backbone_grad_norm(model, batch) -> float:
+    model.zero_grad()
+    for name, param in model.named_parameters():
+        param.requires_grad_(not is_vector_param(name))
+    model(**batch).loss.backward()
+    grads = [p.grad for n, p in model.named_parameters() if not is_vector_param(n) and p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item()
+
+
+def test_backbone_gradient_on_harmful_batch_is_small_with_vector_on(guarded_model, world):
+    model, tokenizer = guarded_model
+    batch = PadCollator(tokenizer.pad_token_id)(encode_examples(tokenizer, world["harmful_ft"], 128))
+    on = _backbone_grad_norm(model, batch)
+    with vector_disabled(model):
+        off = _backbone_grad_norm(model, batch)
+    print(f"backbone grad norm: vector on {on:.3f}, off {off:.3f}, ratio {on / off:.3f}")
+    assert on < 0.5 * off
+
+
+def test_kl_term_keeps_benign_predictions(micro_base, world, tmp_path):
+    from conftest import MICRO_VECTOR, MICRO_VECTOR_TRAIN
+
+    from secvec.training import TrainConfig
+    from secvec.vector import VectorConfig, fit_vector
+
+    benign = world["benign_ft"][:24]
+    batch = PadCollator(0)([{"input_ids": f["input_ids"]} for f in encode_examples(load_causal_lm(micro_base)[1],
+                                                                                     benign, 128)])
+    drift = {}
+    for kl in (0.0, 1.0):
+        model, tokenizer = load_causal_lm(micro_base)
+        cfg = VectorConfig(**{**MICRO_VECTOR, "kl_weight": kl}, train=TrainConfig(**MICRO_VECTOR_TRAIN))
+        peft_model, _ = fit_vector(model, tokenizer, world["sv_fit"], benign, cfg, tmp_path / f"kl{kl}")
+        with torch.no_grad():
+            on = peft_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            with vector_disabled(peft_model):
+                off = peft_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        drift[kl] = masked_kl(on, off, batch["attention_mask"]).item()
+    print(f"benign KL(off||on): without KL term {drift[0.0]:.4f}, with {drift[1.0]:.4f}")
+    assert drift[1.0] < 0.5 * drift[0.0]
+
+
+def test_saved_vector_metadata_and_tamper_check(micro_base, micro_vector, tmp_path):
+    import shutil
+
+    meta = json.loads((micro_vector / "vector.json").read_text())
+    assert {"data_sha256", "base_model_sha256", "weights_sha256", "config", "n_harmful"} <= meta.keys()
+    assert meta["config"]["rank"] == 8 and meta["n_harmful"] == 24
+    copy = tmp_path / "vector"
+    shutil.copytree(micro_vector, copy)
+    weights = next((copy / VECTOR_NAME).glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\1")
+    with pytest.raises(ValueError, match="sha256 differs"):
+        load_vector(load_causal_lm(micro_base)[0], copy)
+    with pytest.raises(ValueError, match="fitted on base"):
+        load_vector(load_causal_lm(micro_base)[0], micro_vector, base_model_hash="0" * 64)
+
+
+def test_empty_fitting_set_is_a_clear_error(micro_base, tmp_path):
+    from secvec.vector import VectorConfig, fit_vector
+
+    model, tokenizer = load_causal_lm(micro_base)
+    with pytest.raises(ValueError, match="sv_fit"):
+        fit_vector(model, tokenizer, [], [], VectorConfig(), tmp_path)
