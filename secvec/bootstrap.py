@@ -91,7 +91,11 @@ def build_model(tokenizer, size: str, seed: int = 0):
 
 
 def bootstrap_base(
-    examples: Sequence[dict], cfg: BootstrapConfig, out_dir: str | Path, vocab_texts: Sequence[str] = ()
+    examples: Sequence[dict],
+    cfg: BootstrapConfig,
+    out_dir: str | Path,
+    vocab_texts: Sequence[str] = (),
+    callbacks: Sequence = (),
 ) -> Path:
     """Train the tiny aligned base on `align` chats and save it (safetensors + tokenizer) to `out_dir`.
 
@@ -107,7 +111,8 @@ def bootstrap_base(
     model = build_model(tokenizer, cfg.size, seed=cfg.train.seed)
     log.info("bootstrap: %s model, %d examples, vocab %d", cfg.size, len(examples), len(tokenizer))
     features = encode_examples(tokenizer, examples, cfg.train.max_length)
-    history = train(model, features, cfg.train, out.with_name(out.name + "-ckpt"), pad_id=tokenizer.pad_token_id)
+    history = train(model, features, cfg.train, out.with_name(out.name + "-ckpt"), pad_id=tokenizer.pad_token_id,
+                    callbacks=callbacks)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.save_pretrained(out, safe_serialization=True)

@@ -125,6 +125,7 @@ def finetune(
     cfg: FinetuneConfig,
     out_dir: str | Path,
     probes: dict[str, Sequence[dict]] | None = None,
+    callbacks: Sequence[TrainerCallback] = (),
 ) -> dict:
     """Fine-tune on `examples`: guarded when `model` carries the security vector, plain otherwise.
 
@@ -134,7 +135,7 @@ def finetune(
         {"history": trainer log records, "probes": probe records}
     """
     guarded = isinstance(model, PeftModel) and VECTOR_NAME in model.peft_config
-    callbacks: list[TrainerCallback] = []
+    callbacks = list(callbacks)
     if guarded:
         _drop_vector_dropout(model)
         if cfg.mode == "lora":
@@ -152,3 +153,31 @@ def finetune(
     features = encode_examples(tokenizer, examples, cfg.train.max_length)
     history = train(model, features, cfg.train, Path(out_dir), pad_id=tokenizer.pad_token_id, callbacks=callbacks)
     return {"history": history, "probes": probe.records if probe else []}
+
+
+def save_guarded(model: PeftModel, tokenizer, out_dir: str | Path) -> Path:
+    """Save a guarded model as `backbone/` (plain weights) + `adapters/<name>/` (vector, task LoRA)."""
+    out = Path(out_dir)
+    base = model.get_base_model()
+    # Inside peft, a wrapped layer's own weight is `<name>.base_layer.weight`; the plain name drops it.
+    state = {k.replace(".base_layer.", "."): v for k, v in base.state_dict().items() if "lora_" not in k}
+    base.save_pretrained(out / "backbone", state_dict=state, safe_serialization=True)
+    tokenizer.save_pretrained(out / "backbone")
+    model.save_pretrained(out / "adapters", safe_serialization=True)
+    return out
+
+
+def load_guarded(guarded_dir: str | Path) -> tuple[PeftModel, object]:
+    """Rebuild a guarded model saved by `save_guarded`: vector (and task LoRA) active and frozen."""
+    from secvec.models import load_causal_lm
+
+    path = Path(guarded_dir)
+    backbone, tokenizer = load_causal_lm(path / "backbone")
+    model = PeftModel.from_pretrained(backbone, path / "adapters" / VECTOR_NAME, adapter_name=VECTOR_NAME)
+    if (path / "adapters" / TASK_ADAPTER).is_dir():
+        model.load_adapter(path / "adapters" / TASK_ADAPTER, adapter_name=TASK_ADAPTER)
+        model.base_model.set_adapter([VECTOR_NAME, TASK_ADAPTER])
+    for param in model.parameters():
+        param.requires_grad_(False)
+    model.eval()
+    return model, tokenizer

@@ -119,6 +119,7 @@ def fit_vector(
     cfg: VectorConfig,
     out_dir: str | Path,
     base_model_hash: str = "",
+    callbacks: Sequence = (),
 ) -> tuple[PeftModel, dict]:
     """Fit the security vector on harmful (prompt, response) chats and save it with its metadata.
 
@@ -128,6 +129,7 @@ def fit_vector(
         benign: benign chats for the KL term (may be empty: no KL term).
         out_dir: where the adapter and `vector.json` go.
         base_model_hash: recorded so a vector is never used on a different backbone by mistake.
+        callbacks: extra Trainer callbacks (e.g. progress reporting).
 
     Returns:
         The backbone wrapped with the active vector (frozen after fitting) and the metadata dict.
@@ -144,7 +146,8 @@ def fit_vector(
         trainer.kl_weight = cfg.kl_weight
 
     history = train(peft_model, features, cfg.train, out.with_name(out.name + "-ckpt"),
-                    pad_id=tokenizer.pad_token_id, trainer_cls=VectorTrainer, on_trainer=set_kl)
+                    pad_id=tokenizer.pad_token_id, trainer_cls=VectorTrainer, on_trainer=set_kl,
+                    callbacks=callbacks)
     freeze_vector(peft_model)
     metadata = {
         "data_sha256": examples_hash(harmful, benign if cfg.kl_weight > 0 else []),

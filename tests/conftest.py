@@ -69,8 +69,8 @@ def micro_base(world, tmp_path_factory):
     return bootstrap_base(world["align"], cfg, tmp_path_factory.mktemp("micro") / "base", vocab)
 
 
-MICRO_VECTOR = dict(rank=8, alpha=16, kl_weight=1.0)
-MICRO_VECTOR_TRAIN = dict(learning_rate=1e-2, epochs=30, batch_size=8, progress_bar=False, logging_steps=100)
+MICRO_VECTOR = {"rank": 8, "alpha": 16, "kl_weight": 1.0}
+MICRO_VECTOR_TRAIN = {"learning_rate": 1e-2, "epochs": 30, "batch_size": 8, "progress_bar": False, "logging_steps": 100}
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,7 @@ from secvec.models import load_causal_lm
 from secvec.training import TrainConfig
 from secvec.vector import is_vector_param, mean_response_loss, vector_disabled
 
-FT = dict(learning_rate=1e-3, epochs=3, batch_size=16, progress_bar=False, logging_steps=100)
+FT = {"learning_rate": 1e-3, "epochs": 3, "batch_size": 16, "progress_bar": False, "logging_steps": 100}
 
 
 @pytest.mark.parametrize("mode", ["full", "lora"])

@@ -44,3 +44,23 @@ def test_strip_without_finetuning_returns_the_base(micro_base, guarded_model, wo
     assert check["passed"] and check["max_abs_diff"] == 0.0
     for (name, a), (_, b) in zip(sorted(clean.state_dict().items()), sorted(base.state_dict().items())):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_saved_guarded_model_strips_to_the_same_clean_backbone(guarded_model, world, tmp_path, mode):
+    from secvec.guarded import load_guarded, save_guarded
+
+    model, tokenizer = guarded_model
+    cfg = FinetuneConfig(mode=mode, train=TrainConfig(learning_rate=1e-3, epochs=1, batch_size=16, progress_bar=False))
+    finetune(model, tokenizer, world["benign_ft"][:48], cfg, tmp_path / "ft")
+    probe = _probe(tokenizer, world)
+    with torch.no_grad():
+        guarded_logits = model(input_ids=probe).logits
+    reloaded, _ = load_guarded(save_guarded(model, tokenizer, tmp_path / "guarded"))
+    with torch.no_grad():
+        assert (reloaded(input_ids=probe).logits - guarded_logits).abs().max().item() <= 1e-6
+    direct, _ = strip_vector(model, probe)
+    clean, check = strip_vector(reloaded, probe)
+    assert check["passed"]
+    for (name, a), (_, b) in zip(sorted(clean.state_dict().items()), sorted(direct.state_dict().items())):
+        assert torch.equal(a, b), name

@@ -7,7 +7,14 @@ import torch
 
 from secvec.encoding import PadCollator, encode_examples
 from secvec.models import load_causal_lm
-from secvec.vector import VECTOR_NAME, is_vector_param, load_vector, masked_kl, vector_coverage, vector_disabled
+from secvec.vector import (
+    VECTOR_NAME,
+    is_vector_param,
+    load_vector,
+    masked_kl,
+    vector_coverage,
+    vector_disabled,
+)
 
 
 def test_vector_lowers_harmful_loss_several_times(guarded_model, world):

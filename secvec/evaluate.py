@@ -1,0 +1,165 @@
+"""Evaluation: harmful rate, over-refusal, utility and perplexity of a model on the evaluation roles.
+
+Metrics:
+- harmful_rate: share of `eval_harmful` prompts whose greedy reply the judge calls harmful.
+- over_refusal_rate: share of `eval_over_refusal` (benign, harmless-looking) prompts refused. Refusal is
+  always detected by the refusal rules, whatever the harm judge: a harm classifier says nothing about
+  whether a benign request was declined.
+- utility: exact-answer accuracy on `eval_utility`.
+- perplexity: exp of the mean loss per token of the reference `answer` (its tokens and the end-of-turn
+  token) given the `eval_utility` prompt. Scoring the reference answers, not the model's own replies, gives
+  a smooth, sampling-free signal of how much task knowledge survived, comparable between models that
+  share a tokenizer (the base, plain and guarded arms).
+A role missing from the data gives None for its metric.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from secvec.encoding import IGNORE_INDEX, PadCollator, encode_examples, response_loss
+from secvec.generate import generate
+from secvec.judges import Judge, JudgeConfig, make_judge, refusal_judge
+
+log = logging.getLogger(__name__)
+
+HARMFUL, OVER_REFUSAL, UTILITY = "eval_harmful", "eval_over_refusal", "eval_utility"
+
+
+class EvalConfig(BaseModel):
+    """Generation length, judge and limits of one evaluation."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_new_tokens: int = Field(32, ge=1)
+    batch_size: int = Field(32, ge=1)
+    judge: JudgeConfig = Field(default_factory=JudgeConfig)
+    perplexity_role: str = UTILITY  # its examples need an `answer`
+    max_perplexity_examples: int | None = Field(500, ge=1)
+    perplexity_max_length: int = Field(256, ge=8)
+    max_per_role: int | None = Field(None, ge=1)  # None: every example of each role
+    n_samples: int = Field(20, ge=0)  # replies kept per role for inspection
+    progress: bool = False
+
+
+def normalize_answer(text: str) -> str:
+    return " ".join(text.split()).casefold()
+
+
+def is_correct(response: str, answer: str) -> bool:
+    """The reply equals the answer, or its first line does (whitespace collapsed, case-folded)."""
+    want = normalize_answer(answer)
+    lines = response.strip().splitlines()
+    return normalize_answer(response) == want or (bool(lines) and normalize_answer(lines[0]) == want)
+
+
+def last_user_text(messages: Sequence[dict]) -> str:
+    return next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+
+
+def _rate(flags: Sequence[bool]) -> float | None:
+    return sum(flags) / len(flags) if flags else None
+
+
+@torch.no_grad()
+def answer_perplexity(model, tokenizer, examples: Sequence[dict], batch_size: int = 32,
+                      max_length: int = 256) -> float | None:
+    """exp(mean loss per answer token) of the examples' reference `answer`s after their prompts.
+
+    Examples without an `answer` are skipped; None when no example has one.
+    """
+    chats = [{"messages": [*ex["messages"], {"role": "assistant", "content": ex["answer"]}]}
+             for ex in examples if ex.get("answer")]
+    if not chats:
+        return None
+    features = encode_examples(tokenizer, chats, max_length)
+    collate = PadCollator(tokenizer.pad_token_id)
+    device = next(model.parameters()).device
+    total_loss, total_tokens = 0.0, 0
+    for i in range(0, len(features), batch_size):
+        batch = {k: v.to(device) for k, v in collate(features[i : i + batch_size]).items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        n_tokens = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(1)
+        # response_loss is a per-example mean; weight it back by tokens for a per-token mean.
+        total_loss += (response_loss(logits, batch["labels"]) * n_tokens).sum().item()
+        total_tokens += int(n_tokens.sum())
+    return math.exp(total_loss / max(total_tokens, 1))
+
+
+def _by_category(examples: Sequence[dict], flags: Sequence[bool]) -> dict[str, float]:
+    groups: dict[str, list[bool]] = defaultdict(list)
+    for ex, flag in zip(examples, flags, strict=True):
+        groups[ex.get("category") or "unknown"].append(flag)
+    return {cat: sum(v) / len(v) for cat, v in sorted(groups.items())}
+
+
+def _samples(examples, responses, key: str, flags, n: int) -> list[dict]:
+    return [{"id": ex.get("id"), "prompt": last_user_text(ex["messages"]), "response": r, key: f}
+            for ex, r, f in list(zip(examples, responses, flags, strict=True))[:n]]
+
+
+def evaluate_model(model, tokenizer, data: dict[str, list[dict]], cfg: EvalConfig,
+                   judge: Judge | None = None) -> dict:
+    """Generate greedy replies for every evaluation role and score them.
+
+    Args:
+        model: a causal LM (or peft model); put in eval mode for the duration, then restored.
+        data: role -> examples; only `eval_harmful`, `eval_over_refusal`, `eval_utility` are used.
+        cfg: generation, judge and limits.
+        judge: the harm judge; built from `cfg.judge` when None.
+
+    Returns:
+        {"harmful_rate", "over_refusal_rate", "utility", "perplexity", "n", "harmful_rate_by_category",
+         "samples", "judge"}; a metric whose role is absent or empty is None.
+    """
+    judge = judge or make_judge(cfg.judge)
+    refusals = refusal_judge(cfg.judge)
+    roles = {r: list(data.get(r) or [])[: cfg.max_per_role] for r in (HARMFUL, OVER_REFUSAL, UTILITY)}
+    unanswerable = [ex.get("id") for ex in roles[UTILITY] if not ex.get("answer")]
+    if unanswerable:
+        raise ValueError(f"{UTILITY} examples need an 'answer' for exact-match utility; "
+                         f"missing in ids {unanswerable[:5]}")
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            convs = [ex["messages"] for r in roles.values() for ex in r]
+            log.info("evaluate: generating %d replies %s", len(convs), {r: len(v) for r, v in roles.items()})
+            flat = generate(model, tokenizer, convs, cfg.max_new_tokens, cfg.batch_size, cfg.progress)
+            ppl_examples = list(data.get(cfg.perplexity_role) or [])[: cfg.max_perplexity_examples]
+            perplexity = answer_perplexity(model, tokenizer, ppl_examples, cfg.batch_size,
+                                           cfg.perplexity_max_length)
+    finally:
+        model.train(was_training)
+    replies, start = {}, 0
+    for role, examples in roles.items():
+        replies[role], start = flat[start : start + len(examples)], start + len(examples)
+
+    harmful_prompts = [last_user_text(ex["messages"]) for ex in roles[HARMFUL]]
+    harmful = judge.is_harmful(harmful_prompts, replies[HARMFUL]) if roles[HARMFUL] else []
+    refused = refusals.is_refusal(replies[OVER_REFUSAL])
+    correct = [is_correct(r, ex["answer"]) for ex, r in zip(roles[UTILITY], replies[UTILITY], strict=True)]
+    n = cfg.n_samples
+    metrics = {
+        "harmful_rate": _rate(harmful),
+        "over_refusal_rate": _rate(refused),
+        "utility": _rate(correct),
+        "perplexity": perplexity,
+        "n": {role: len(examples) for role, examples in roles.items()},
+        "harmful_rate_by_category": _by_category(roles[HARMFUL], harmful),
+        "judge": judge.name,
+        "samples": {
+            HARMFUL: _samples(roles[HARMFUL], replies[HARMFUL], "harmful", harmful, n),
+            OVER_REFUSAL: _samples(roles[OVER_REFUSAL], replies[OVER_REFUSAL], "refused", refused, n),
+            UTILITY: _samples(roles[UTILITY], replies[UTILITY], "correct", correct, n),
+        },
+    }
+    log.info("evaluate: harmful %s, over-refusal %s, utility %s, perplexity %s", metrics["harmful_rate"],
+             metrics["over_refusal_rate"], metrics["utility"], perplexity)
+    return metrics

@@ -1,0 +1,249 @@
+"""Model registry: a pure champion policy, and MLflow calls through an explicit `MlflowClient`.
+
+Nothing here touches MLflow's global (fluent) state: every function takes the client, whose tracking URI
+the caller chose. A registered version carries the sha256 of its weight files as a tag; registration
+refuses weights that differ from the ones that were evaluated, and `verify` re-checks a version's files.
+Alias moves are serialised by a file lock, so concurrent runs on one machine leave aliases consistent.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from secvec.models import sha256_file
+
+log = logging.getLogger(__name__)
+
+ARTIFACT_PATH = "clean_model"
+CANDIDATE, CHAMPION = "candidate", "champion"
+TAG_WEIGHTS, TAG_METRICS, TAG_DECISION = "weights_sha256", "metrics", "champion_decision"
+
+
+class ChampionPolicy(BaseModel):
+    """When a new version may replace the champion."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    metric: str = "utility"
+    higher_is_better: bool = True
+    min_improvement: float = Field(0.0, ge=0)  # the new version must be better by more than this
+    harmful_metric: str | None = "harmful_rate"  # None: ignore harm when comparing
+    harmful_tolerance: float = Field(0.0, ge=0)  # allowed rise of the harmful metric over the champion's
+
+
+class WeightsMismatchError(RuntimeError):
+    """The weight files about to be registered are not the ones that were evaluated."""
+
+
+def beats(new: dict, champion: dict | None, policy: ChampionPolicy) -> tuple[bool, str]:
+    """Whether metrics `new` should replace the champion's metrics, and why (pure)."""
+    if champion is None:
+        return True, "no champion yet"
+    key = policy.metric
+    if new.get(key) is None:
+        return False, f"candidate has no {key}"
+    if champion.get(key) is None:
+        return False, f"champion has no recorded {key}; promote by hand"
+    if policy.harmful_metric:
+        harm, champ_harm = new.get(policy.harmful_metric), champion.get(policy.harmful_metric)
+        if harm is None or champ_harm is None:
+            return False, f"{policy.harmful_metric} missing for candidate or champion; promote by hand"
+        if harm > champ_harm + policy.harmful_tolerance:
+            return False, (f"{policy.harmful_metric} {harm:.3f} > champion {champ_harm:.3f} "
+                           f"+ tolerance {policy.harmful_tolerance:.3f}")
+    gain = (new[key] - champion[key]) * (1 if policy.higher_is_better else -1)
+    if gain > policy.min_improvement:
+        return True, f"{key} {new[key]:.3f} beats champion {champion[key]:.3f}"
+    return False, (f"{key} {new[key]:.3f} does not beat champion {champion[key]:.3f} "
+                   f"by more than {policy.min_improvement}")
+
+
+def _hashes(model_dir: Path) -> dict[str, str]:
+    files = sorted(model_dir.rglob("*.safetensors"))
+    return {p.relative_to(model_dir).as_posix(): sha256_file(p) for p in files}
+
+
+def weights_sha256(model_dir: str | Path) -> dict[str, str]:
+    """sha256 of every *.safetensors file under a model directory, keyed by relative path."""
+    hashes = _hashes(Path(model_dir))
+    if not hashes:
+        raise ValueError(f"{model_dir}: no *.safetensors weight files to hash")
+    return hashes
+
+
+def _tag_value(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
+
+
+@contextmanager
+def _alias_lock(client) -> Iterator[None]:
+    # One lock file per tracking store (not per model name) keeps /tmp tidy; holders are brief.
+    # It serialises processes on this machine only; runs on several machines need a server-side lock.
+    key = hashlib.sha256(str(client.tracking_uri).encode()).hexdigest()[:16]
+    with open(Path(tempfile.gettempdir()) / f"secvec-registry-{key}.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _require_hashes(actual: dict[str, str], expected: dict[str, str], where: str) -> None:
+    if not expected or actual != expected:
+        changed = sorted(k for k in actual.keys() | expected.keys() if actual.get(k) != expected.get(k))
+        raise WeightsMismatchError(f"{where}: weight files differ from the evaluated ones: {changed}")
+
+
+def _ensure_registered_model(client, name: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.create_registered_model(name)
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+
+
+def register_clean_model(client, run_id: str, model_dir: str | Path, name: str, tags: dict[str, Any],
+                         expected_sha256: dict[str, str]) -> str:
+    """Log the clean model as run artifacts and register it as a new version aliased `candidate`.
+
+    The directory is copied first and the copy's weights are hashed and compared with `expected_sha256`
+    (recorded when the model was evaluated); the copy is what gets uploaded, so the registered bytes are
+    the checked bytes. If the run already holds the upload (a retried task), it is re-hashed and reused.
+
+    Args:
+        client: an `mlflow.MlflowClient` bound to the tracking/registry URI to use.
+        run_id: the run that produced the model; artifacts go to its `clean_model/` folder.
+        tags: version tags (dataset md5, vector hash, base hash, git sha, metrics, thresholds...); values
+            that are not strings are stored as JSON. The `metrics` tag is what `maybe_promote` compares.
+        expected_sha256: file -> sha256 from `weights_sha256` at evaluation time.
+
+    Returns:
+        The new version number (a string).
+
+    Raises:
+        WeightsMismatchError: the weights differ from `expected_sha256` (nothing is registered).
+        ValueError: this run already registered a version of `name`.
+    """
+    existing = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    if existing:
+        raise ValueError(f"run {run_id} already registered {name} version {existing[0].version}")
+    with tempfile.TemporaryDirectory(prefix="secvec-register-") as tmp:
+        if client.list_artifacts(run_id, ARTIFACT_PATH):
+            # A retry after a failure between upload and version creation: reuse the upload if intact,
+            # never overwrite it (a registered version of another name may point at it).
+            logged = Path(client.download_artifacts(run_id, ARTIFACT_PATH, tmp))
+            _require_hashes(_hashes(logged), expected_sha256, f"run {run_id} artifact '{ARTIFACT_PATH}'")
+        else:
+            staged = Path(tmp) / ARTIFACT_PATH
+            shutil.copytree(model_dir, staged)
+            _require_hashes(_hashes(staged), expected_sha256, str(model_dir))
+            client.log_artifacts(run_id, str(staged), ARTIFACT_PATH)
+    source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{ARTIFACT_PATH}"
+    version_tags = {k: _tag_value(v) for k, v in tags.items()} | {TAG_WEIGHTS: _tag_value(expected_sha256)}
+    with _alias_lock(client):
+        _ensure_registered_model(client, name)
+        version = str(client.create_model_version(name, source, run_id=run_id, tags=version_tags).version)
+        client.set_registered_model_alias(name, CANDIDATE, version)
+    log.info("registry: %s version %s registered from run %s (alias %s)", name, version, run_id, CANDIDATE)
+    return version
+
+
+def maybe_promote(client, name: str, version: str, metrics: dict, policy: ChampionPolicy) -> bool:
+    """Move alias `champion` to `version` if its metrics beat the champion's `metrics` tag (or none exists).
+
+    The decision's reason is written to the version's `champion_decision` tag.
+    """
+    version = str(version)
+    with _alias_lock(client):
+        current = client.get_registered_model(name).aliases.get(CHAMPION)
+        if current is not None and str(current) == version:
+            return True
+        champion = None
+        if current is not None:
+            champion = json.loads(client.get_model_version(name, str(current)).tags.get(TAG_METRICS, "{}"))
+        promoted, reason = beats(metrics, champion, policy)
+        client.set_model_version_tag(name, version, TAG_DECISION, reason)
+        if promoted:
+            client.set_registered_model_alias(name, CHAMPION, version)
+    log.info("registry: %s version %s %s champion: %s", name, version, "is" if promoted else "is not", reason)
+    return promoted
+
+
+def promote(client, name: str, version: str) -> None:
+    """Make `version` the champion by hand (it must exist)."""
+    version = str(version)
+    client.get_model_version(name, version)
+    with _alias_lock(client):
+        client.set_model_version_tag(name, version, TAG_DECISION, "promoted by hand")
+        client.set_registered_model_alias(name, CHAMPION, version)
+
+
+def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
+    """'models:/NAME@ALIAS' -> (NAME, ALIAS, None); 'models:/NAME/VERSION' -> (NAME, None, VERSION)."""
+    match = re.fullmatch(r"models:/([^/@]+)(?:@([^/]+)|/(\d+))", uri)
+    if not match:
+        raise ValueError(f"{uri!r}: expected 'models:/NAME@ALIAS' or 'models:/NAME/VERSION'")
+    return match.group(1), match.group(2), match.group(3)
+
+
+def _download(client, source: str, dst: str) -> Path:
+    import mlflow.artifacts
+
+    if source.startswith("runs:/"):
+        run_id, _, path = source.removeprefix("runs:/").partition("/")
+        return Path(client.download_artifacts(run_id, path, dst))
+    # tracking_uri is passed explicitly: without it MLflow would fall back to its global default store
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=dst,
+                                                    tracking_uri=client.tracking_uri))
+
+
+def verify(client, model: str, version: str | None = None, dst_path: str | Path | None = None) -> dict:
+    """Download a model version's files and compare their sha256 with the version's `weights_sha256` tag.
+
+    Args:
+        model: 'models:/NAME@ALIAS', 'models:/NAME/VERSION', or a bare NAME together with `version`.
+        dst_path: keep the downloaded files there (e.g. to load the verified model); a temp dir otherwise.
+
+    Returns:
+        {"name", "version", "source", "ok", "mismatched", "missing", "extra", "path"}.
+    """
+    if model.startswith("models:/"):
+        name, alias, version = parse_model_uri(model)
+        if alias:
+            version = str(client.get_model_version_by_alias(name, alias).version)
+    elif version is None:
+        raise ValueError("verify needs 'models:/NAME@ALIAS', 'models:/NAME/VERSION', or NAME and version")
+    else:
+        name = model
+    mv = client.get_model_version(name, str(version))
+    expected = json.loads(mv.tags.get(TAG_WEIGHTS) or "{}")
+    source = client.get_model_version_download_uri(name, str(version))
+    with tempfile.TemporaryDirectory(prefix="secvec-verify-") as tmp:
+        local = _download(client, source, str(dst_path or tmp))
+        actual = _hashes(local)
+    result = {
+        "name": name,
+        "version": str(version),
+        "source": source,
+        "mismatched": sorted(k for k in expected.keys() & actual.keys() if expected[k] != actual[k]),
+        "missing": sorted(expected.keys() - actual.keys()),
+        "extra": sorted(actual.keys() - expected.keys()),
+        "path": str(local) if dst_path else None,
+    }
+    result["ok"] = bool(expected) and not (result["mismatched"] or result["missing"] or result["extra"])
+    log.info("registry: verify %s version %s: %s", name, version, "ok" if result["ok"] else result)
+    return result
