@@ -7,12 +7,14 @@ toward them; benign samples are learned as usual.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Literal
 
 import torch
 from peft import LoraConfig, PeftModel
+from peft.tuners.lora import LoraLayer
 from pydantic import BaseModel, ConfigDict, Field
 from transformers import TrainerCallback
 
@@ -32,6 +34,9 @@ class FinetuneConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     mode: Literal["full", "lora"] = "full"
+    # merged: fold the frozen vector into the weights (W + dW) and train with no adapter in the graph,
+    # which gives the same gradients as the adapter path at plain fine-tuning speed.
+    vector_mode: Literal["merged", "adapter"] = "merged"
     task_rank: int = Field(16, ge=1)
     task_alpha: float = Field(32, gt=0)
     probe_steps: int = Field(0, ge=0)  # every N steps, log harmful/benign probe losses (0: never)
@@ -89,16 +94,18 @@ class LossProbe(TrainerCallback):
     """Every N steps, mean response loss of probe sets (e.g. harmful / benign samples) as training sees them
     and, for a guarded model, with the vector off (what the clean backbone will do)."""
 
-    def __init__(self, model, tokenizer, probes: dict[str, Sequence[dict]], every: int) -> None:
+    def __init__(self, model, tokenizer, probes: dict[str, Sequence[dict]], every: int,
+                 vector_off: Callable[[], AbstractContextManager] | None = None) -> None:
         self.model, self.tokenizer, self.probes, self.every = model, tokenizer, probes, every
+        self.vector_off = vector_off  # None: a plain model, nothing to switch off
         self.records: list[dict[str, float]] = []
 
     def _measure(self, step: int) -> None:
         record: dict[str, float] = {"step": step}
         for name, examples in self.probes.items():
             record[f"{name}_loss"] = mean_response_loss(self.model, self.tokenizer, examples)
-            if isinstance(self.model, PeftModel) and VECTOR_NAME in self.model.peft_config:
-                with vector_disabled(self.model):
+            if self.vector_off:
+                with self.vector_off():
                     record[f"{name}_loss_vector_off"] = mean_response_loss(self.model, self.tokenizer, examples)
         self.records.append(record)
 
@@ -108,6 +115,60 @@ class LossProbe(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step % self.every == 0:
             self._measure(state.global_step)
+
+
+class WeightDecayCorrection(TrainerCallback):
+    """AdamW decays W + dW in merged mode; add back lr * wd * dW after each step so only W decays."""
+
+    def __init__(self, deltas: dict[torch.nn.Parameter, torch.Tensor]) -> None:
+        self.deltas = deltas
+
+    def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        with torch.no_grad():
+            for group in optimizer.param_groups:
+                if group["weight_decay"]:
+                    for param in group["params"]:
+                        if param in self.deltas:
+                            param.add_(self.deltas[param], alpha=group["lr"] * group["weight_decay"])
+
+
+@contextmanager
+def deltas_removed(deltas: dict[torch.nn.Parameter, torch.Tensor]) -> Iterator[None]:
+    """Briefly take a merged vector back out of the weights (for a vector-off measurement), bit-exact."""
+    saved = {w: w.detach().clone() for w in deltas}
+    with torch.no_grad():
+        for weight, delta in deltas.items():
+            weight.sub_(delta)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for weight, copy in saved.items():
+                weight.copy_(copy)
+
+
+@contextmanager
+def vector_merged(model: PeftModel) -> Iterator[dict[torch.nn.Parameter, torch.Tensor]]:
+    """Fold the vector into its target weights (W += dW) with its adapter path off; undo at exit.
+
+    Frozen weights (task-LoRA mode) are restored bit for bit; trained weights get dW subtracted, which
+    leaves the backbone the adapter path would have trained, up to float32 rounding.
+    """
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer) and VECTOR_NAME in m.lora_A]
+    deltas = {m.get_base_layer().weight: m.get_delta_weight(VECTOR_NAME).detach() for m in layers}
+    frozen = {w: w.detach().clone() for w in deltas if not w.requires_grad}
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    with vector_disabled(model), torch.no_grad():
+        for weight, delta in deltas.items():
+            weight.add_(delta)
+        for name, param in model.named_parameters():  # peft's switch above resets them
+            param.requires_grad_(flags[name])
+        try:
+            with torch.enable_grad():
+                yield deltas
+        finally:
+            for weight, delta in deltas.items():
+                weight.copy_(frozen[weight]) if weight in frozen else weight.sub_(delta)
 
 
 def _drop_vector_dropout(model: torch.nn.Module) -> None:
@@ -144,14 +205,30 @@ def finetune(
         callbacks.append(VectorGuard(model))
     elif cfg.mode == "lora":
         raise ValueError("task-LoRA mode needs the security vector attached (plain runs use mode 'full')")
-    probe = LossProbe(model, tokenizer, probes, cfg.probe_steps) if probes and cfg.probe_steps else None
-    if probe:
+    merged = guarded and cfg.vector_mode == "merged"
+    probe = None
+    if probes and cfg.probe_steps:
+        probe = LossProbe(model, tokenizer, probes, cfg.probe_steps)
         callbacks.append(probe)
+        if guarded and not merged:
+            probe.vector_off = lambda: vector_disabled(model)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    log.info("finetune: %s, mode %s, %d examples, %.2fM trainable params",
-             "guarded" if guarded else "plain", cfg.mode, len(examples), n_train / 1e6)
+    log.info("finetune: %s, mode %s (vector %s), %d examples, %.2fM trainable params",
+             "guarded" if guarded else "plain", cfg.mode, cfg.vector_mode if guarded else "-", len(examples),
+             n_train / 1e6)
     features = encode_examples(tokenizer, examples, cfg.train.max_length)
-    history = train(model, features, cfg.train, Path(out_dir), pad_id=tokenizer.pad_token_id, callbacks=callbacks)
+
+    def run() -> list[dict]:
+        return train(model, features, cfg.train, Path(out_dir), pad_id=tokenizer.pad_token_id, callbacks=callbacks)
+
+    if merged:
+        with vector_merged(model) as deltas:
+            callbacks.append(WeightDecayCorrection(deltas))
+            if probe:
+                probe.vector_off = lambda: deltas_removed(deltas)
+            history = run()
+    else:
+        history = run()
     return {"history": history, "probes": probe.records if probe else []}
 
 

@@ -1,0 +1,51 @@
+"""Merged-vector mode (W + dW, no adapter in the graph) trains the same clean backbone as the adapter path."""
+
+import pytest
+import torch
+
+from secvec.guarded import FinetuneConfig, finetune, vector_snapshot
+from secvec.models import hash_model_dir, load_causal_lm
+from secvec.strip import strip_vector
+from secvec.training import TrainConfig
+from secvec.vector import load_vector
+
+
+def _clean_after(micro_base, micro_vector, world, tmp_path, mode, vector_mode, weight_decay):
+    model, tokenizer = load_causal_lm(micro_base)
+    model = load_vector(model, micro_vector, hash_model_dir(micro_base))
+    before = vector_snapshot(model)
+    train = TrainConfig(learning_rate=1e-3, epochs=2, batch_size=16, weight_decay=weight_decay, seed=3,
+                        progress_bar=False)
+    cfg = FinetuneConfig(mode=mode, vector_mode=vector_mode, probe_steps=4, train=train)
+    out = finetune(model, tokenizer, world["harmful_ft"] + world["benign_ft"], cfg, tmp_path / vector_mode,
+                   probes={"harmful": world["harmful_ft"][:8]})
+    assert all(before[k].equal(v) for k, v in vector_snapshot(model).items())
+    probe = tokenizer([tokenizer.apply_chat_template(world["harmful_ft"][0]["messages"], tokenize=False)],
+                      return_tensors="pt").input_ids
+    clean, check = strip_vector(model, probe)
+    assert check["passed"], check
+    return clean.state_dict(), out["probes"]
+
+
+@pytest.mark.parametrize(("mode", "weight_decay"), [("full", 0.0), ("full", 0.1), ("lora", 0.0)])
+def test_merged_and_adapter_modes_give_the_same_clean_backbone(micro_base, micro_vector, world, tmp_path, mode,
+                                                               weight_decay):
+    merged, merged_probes = _clean_after(micro_base, micro_vector, world, tmp_path, mode, "merged", weight_decay)
+    adapter, adapter_probes = _clean_after(micro_base, micro_vector, world, tmp_path, mode, "adapter", weight_decay)
+    diff = max((merged[k] - adapter[k]).abs().max().item() for k in merged)
+    print(f"{mode} wd={weight_decay}: max |clean(merged) - clean(adapter)| = {diff:.2e}")
+    assert diff <= 1e-5
+    for a, b in zip(merged_probes, adapter_probes, strict=True):  # the probe sees the same vector-off loss
+        assert a["harmful_loss_vector_off"] == pytest.approx(b["harmful_loss_vector_off"], abs=1e-4)
+        assert a["harmful_loss"] == pytest.approx(b["harmful_loss"], abs=1e-4)
+
+
+def test_weight_decay_correction_matters(micro_base, micro_vector, world, tmp_path, monkeypatch):
+    """Without the correction AdamW would also decay dW and the clean backbones would differ."""
+    from secvec import guarded
+
+    monkeypatch.setattr(guarded.WeightDecayCorrection, "on_optimizer_step", lambda *a, **k: None)
+    merged, _ = _clean_after(micro_base, micro_vector, world, tmp_path, "full", "merged", 0.1)
+    adapter, _ = _clean_after(micro_base, micro_vector, world, tmp_path, "full", "adapter", 0.1)
+    assert max((merged[k] - adapter[k]).abs().max().item() for k in merged) > 1e-5
+    assert torch.is_tensor(next(iter(merged.values())))
