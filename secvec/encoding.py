@@ -9,11 +9,28 @@ from typing import Any
 import torch
 
 IGNORE_INDEX = -100
+WORD_JOINER = "\u2060"  # invisible; breaks a special-token string so the tokenizer reads it as text
+
+
+def special_token_strings(tokenizer) -> list[str]:
+    """Every special token's text (eos, pad, role markers such as <|im_start|> or <|eot_id|>)."""
+    added = [t.content for t in tokenizer.added_tokens_decoder.values() if t.special]
+    return sorted(set(tokenizer.all_special_tokens) | set(added), key=len, reverse=True)
+
+
+def escape_special_tokens(text: str, specials: list[str]) -> str:
+    """Make special-token strings inside data inert, so a record cannot forge a turn or end one early."""
+    for token in specials:
+        if token and token in text:
+            text = text.replace(token, token[0] + WORD_JOINER + token[1:])
+    return text
 
 
 def _template_ids(tokenizer, messages: list[dict], add_generation_prompt: bool) -> list[int]:
+    specials = special_token_strings(tokenizer)
+    safe = [{**m, "content": escape_special_tokens(m["content"], specials)} for m in messages]
     ids = tokenizer.apply_chat_template(
-        messages, add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=False
+        safe, add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=False
     )
     return list(ids)
 
