@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import safetensors.torch
 import torch
 from datasets import Dataset
+from peft import PeftModel
 from pydantic import BaseModel, ConfigDict, Field
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
@@ -32,7 +36,7 @@ class TrainConfig(BaseModel):
     max_length: int = Field(128, ge=8)
     seed: int = 0
     logging_steps: int = Field(10, ge=1)
-    save_steps: int = Field(0, ge=0)  # 0: no intermediate checkpoints
+    save_steps: int = Field(0, ge=0)  # checkpoint every N steps so a killed run resumes; 0: never
     progress_bar: bool = True
 
 
@@ -62,6 +66,7 @@ def training_arguments(cfg: TrainConfig, out_dir: str | Path) -> TrainingArgumen
         logging_steps=cfg.logging_steps,
         save_strategy="steps" if cfg.save_steps else "no",
         save_steps=cfg.save_steps or 500,
+        save_total_limit=2,
         seed=cfg.seed,
         data_seed=cfg.seed,
         use_cpu=True,
@@ -72,17 +77,43 @@ def training_arguments(cfg: TrainConfig, out_dir: str | Path) -> TrainingArgumen
     )
 
 
+class SecvecTrainer(Trainer):
+    """Trainer whose checkpoints hold the whole model, also when it is wrapped by peft.
+
+    Trainer saves only adapter weights for a PeftModel, which would lose the backbone that guarded
+    fine-tuning trains; resuming loads this file back with `load_state_dict`.
+    """
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        model = self.accelerator.unwrap_model(self.model)
+        if not isinstance(model, PeftModel):
+            return super()._save(output_dir, state_dict)
+        output_dir = output_dir or self.args.output_dir
+        os.makedirs(output_dir, exist_ok=True)
+        safetensors.torch.save_model(model, os.path.join(output_dir, "model.safetensors"))
+
+
+def last_checkpoint(out_dir: str | Path) -> str | None:
+    """The newest complete checkpoint (trainer state written, which Trainer does last), if any."""
+    done = [p for p in Path(out_dir).glob("checkpoint-*") if (p / "trainer_state.json").is_file()
+            and p.name.split("-")[-1].isdigit()]
+    return str(max(done, key=lambda p: int(p.name.split("-")[-1]))) if done else None
+
+
 def train(
     model: torch.nn.Module,
     features: Sequence[dict],
     cfg: TrainConfig,
     out_dir: str | Path,
     pad_id: int,
-    trainer_cls: type[Trainer] = Trainer,
+    trainer_cls: type[Trainer] = SecvecTrainer,
     callbacks: Sequence[TrainerCallback] = (),
     on_trainer: Callable[[Trainer], None] | None = None,
 ) -> list[dict[str, float]]:
     """Train `model` in place on encoded features; returns the logged loss history.
+
+    A run killed mid-way and started again with the same out_dir resumes from its last checkpoint
+    (weights, optimizer, scheduler, RNG and data position); checkpoints are removed after success.
 
     Args:
         features: dicts of token-id lists (`input_ids`, `labels`, optionally `kl_input_ids`).
@@ -101,7 +132,12 @@ def train(
     )
     if on_trainer:
         on_trainer(trainer)
+    resume = last_checkpoint(out_dir)
+    if resume:
+        log.info("resuming from %s", resume)
     model.train()
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resume)
     model.eval()
+    for checkpoint in Path(out_dir).glob("checkpoint-*"):
+        shutil.rmtree(checkpoint, ignore_errors=True)
     return history.records

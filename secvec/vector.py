@@ -18,11 +18,10 @@ import torch
 import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model
 from pydantic import BaseModel, ConfigDict, Field
-from transformers import Trainer
 
 from secvec.encoding import PadCollator, encode_examples, response_loss
 from secvec.models import find_lora_targets, sha256_file
-from secvec.training import TrainConfig, train
+from secvec.training import SecvecTrainer, TrainConfig, train
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +82,7 @@ def masked_kl(logits_on: torch.Tensor, logits_off: torch.Tensor, mask: torch.Ten
     return (kl * mask).sum() / mask.sum().clamp(min=1)
 
 
-class VectorTrainer(Trainer):
+class VectorTrainer(SecvecTrainer):
     """Response-only LM loss on harmful pairs + kl_weight * KL on benign chats (adapter on vs off)."""
 
     kl_weight: float = 0.0
@@ -142,7 +141,7 @@ def fit_vector(
     log.info("vector: fitting on %d harmful chats, KL weight %.2f on %d benign", len(harmful), cfg.kl_weight,
              len(benign) if "kl_input_ids" in features[0] else 0)
 
-    def set_kl(trainer: Trainer) -> None:
+    def set_kl(trainer: VectorTrainer) -> None:
         trainer.kl_weight = cfg.kl_weight
 
     history = train(peft_model, features, cfg.train, out.with_name(out.name + "-ckpt"),
