@@ -8,13 +8,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 
+from secvec.config import BootstrapConfig
 from secvec.encoding import encode_examples
-from secvec.training import TrainConfig, train
+from secvec.training import train
 
 log = logging.getLogger(__name__)
 
@@ -31,15 +30,6 @@ PRESETS: dict[str, tuple[int, int, int, int, int]] = {
     "micro": (64, 2, 4, 176, 512),  # ~0.1M params: tests, trains in seconds
     "tiny": (256, 6, 4, 688, 2048),  # ~5M params: the embedded default
 }
-
-
-class BootstrapConfig(BaseModel):
-    """How to build the tiny aligned base when the config names no model directory."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    size: Literal["micro", "tiny"] = "tiny"
-    train: TrainConfig = Field(default_factory=lambda: TrainConfig(learning_rate=1e-3, epochs=6, batch_size=32))
 
 
 def _texts(examples: Sequence[dict]) -> list[str]:

@@ -21,31 +21,15 @@ from collections import defaultdict
 from collections.abc import Sequence
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 
+from secvec.config import EvalConfig
 from secvec.encoding import IGNORE_INDEX, PadCollator, encode_examples, response_loss
 from secvec.generate import generate
-from secvec.judges import Judge, JudgeConfig, make_judge, refusal_judge
+from secvec.judges import Judge, make_judge, refusal_judge
 
 log = logging.getLogger(__name__)
 
 HARMFUL, OVER_REFUSAL, UTILITY = "eval_harmful", "eval_over_refusal", "eval_utility"
-
-
-class EvalConfig(BaseModel):
-    """Generation length, judge and limits of one evaluation."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    max_new_tokens: int = Field(32, ge=1)
-    batch_size: int = Field(32, ge=1)
-    judge: JudgeConfig = Field(default_factory=JudgeConfig)
-    perplexity_role: str = UTILITY  # its examples need an `answer`
-    max_perplexity_examples: int | None = Field(500, ge=1)
-    perplexity_max_length: int = Field(256, ge=8)
-    max_per_role: int | None = Field(None, ge=1)  # None: every example of each role
-    n_samples: int = Field(20, ge=0)  # replies kept per role for inspection
-    progress: bool = False
 
 
 def normalize_answer(text: str) -> str:

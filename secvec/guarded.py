@@ -10,37 +10,21 @@ import logging
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
-from typing import Literal
 
 import torch
 from peft import LoraConfig, PeftModel
 from peft.tuners.lora import LoraLayer
-from pydantic import BaseModel, ConfigDict, Field
 from transformers import TrainerCallback
 
+from secvec.config import FinetuneConfig
 from secvec.encoding import encode_examples
 from secvec.models import find_lora_targets
-from secvec.training import TrainConfig, train
+from secvec.training import train
 from secvec.vector import VECTOR_NAME, is_vector_param, mean_response_loss, vector_disabled
 
 log = logging.getLogger(__name__)
 
 TASK_ADAPTER = "task"
-
-
-class FinetuneConfig(BaseModel):
-    """Fine-tuning of the user's data: the whole backbone, or a separate trainable task LoRA."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    mode: Literal["full", "lora"] = "full"
-    # merged: fold the frozen vector into the weights (W + dW) and train with no adapter in the graph,
-    # which gives the same gradients as the adapter path at plain fine-tuning speed.
-    vector_mode: Literal["merged", "adapter"] = "merged"
-    task_rank: int = Field(16, ge=1)
-    task_alpha: float = Field(32, gt=0)
-    probe_steps: int = Field(0, ge=0)  # every N steps, log harmful/benign probe losses (0: never)
-    train: TrainConfig = Field(default_factory=lambda: TrainConfig(learning_rate=3e-4, epochs=3, batch_size=32))
 
 
 def vector_snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:

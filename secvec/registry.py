@@ -20,8 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
-
+from secvec.config import ChampionPolicy
 from secvec.models import sha256_file
 
 log = logging.getLogger(__name__)
@@ -29,18 +28,6 @@ log = logging.getLogger(__name__)
 ARTIFACT_PATH = "clean_model"
 CANDIDATE, CHAMPION = "candidate", "champion"
 TAG_WEIGHTS, TAG_METRICS, TAG_DECISION = "weights_sha256", "metrics", "champion_decision"
-
-
-class ChampionPolicy(BaseModel):
-    """When a new version may replace the champion."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    metric: str = "utility"
-    higher_is_better: bool = True
-    min_improvement: float = Field(0.0, ge=0)  # the new version must be better by more than this
-    harmful_metric: str | None = "harmful_rate"  # None: ignore harm when comparing
-    harmful_tolerance: float = Field(0.0, ge=0)  # allowed rise of the harmful metric over the champion's
 
 
 class WeightsMismatchError(RuntimeError):

@@ -12,32 +12,12 @@ import safetensors.torch
 import torch
 from datasets import Dataset
 from peft import PeftModel
-from pydantic import BaseModel, ConfigDict, Field
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from secvec.config import TrainConfig
 from secvec.encoding import PadCollator
 
 log = logging.getLogger(__name__)
-
-
-class TrainConfig(BaseModel):
-    """Optimisation settings shared by bootstrap, vector fitting and fine-tuning."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    learning_rate: float = Field(3e-4, gt=0)
-    epochs: float = Field(3.0, gt=0)
-    max_steps: int = -1  # > 0 overrides epochs
-    batch_size: int = Field(16, ge=1)
-    grad_accum: int = Field(1, ge=1)
-    warmup_ratio: float = Field(0.05, ge=0, lt=1)
-    weight_decay: float = Field(0.0, ge=0)
-    max_grad_norm: float = 1.0
-    max_length: int = Field(128, ge=8)
-    seed: int = 0
-    logging_steps: int = Field(10, ge=1)
-    save_steps: int = Field(0, ge=0)  # checkpoint every N steps so a killed run resumes; 0: never
-    progress_bar: bool = True
 
 
 class LossHistory(TrainerCallback):

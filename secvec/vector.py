@@ -17,30 +17,16 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model
-from pydantic import BaseModel, ConfigDict, Field
 
+from secvec.config import VectorConfig
 from secvec.encoding import PadCollator, encode_examples, response_loss
 from secvec.models import find_lora_targets, sha256_file
-from secvec.training import SecvecTrainer, TrainConfig, train
+from secvec.training import SecvecTrainer, train
 
 log = logging.getLogger(__name__)
 
 VECTOR_NAME = "security_vector"
 METADATA_FILE = "vector.json"
-
-
-class VectorConfig(BaseModel):
-    """LoRA shape of the security vector and how it is fitted."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    rank: int = Field(8, ge=1)
-    alpha: float = Field(16, gt=0)
-    target_modules: list[str] | None = None  # None: every linear layer of the decoder blocks
-    kl_weight: float = Field(1.0, ge=0)  # 0 disables the benign KL term
-    train: TrainConfig = Field(
-        default_factory=lambda: TrainConfig(learning_rate=2e-3, epochs=20, batch_size=16, warmup_ratio=0.1)
-    )
 
 
 def is_vector_param(name: str) -> bool:

@@ -1,0 +1,150 @@
+"""The `secvec` command line. Heavy libraries (torch, transformers, dvc) are imported inside commands."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from secvec.data import PROJECT_ROOT
+
+app = typer.Typer(no_args_is_help=True, add_completion=False,
+                  help="Fine-tune a safety-aligned LLM on possibly harmful data without learning the harm.")
+
+
+# ---- data: secvec data prepare ----------------------------------------------------------------------------
+
+data_app = typer.Typer(no_args_is_help=True, help="Build, validate and version the dataset roles.")
+app.add_typer(data_app, name="data")
+
+DEFAULT_DATA_CONFIG = Path("configs/data/default.yaml")
+
+
+@data_app.command("prepare")
+def data_prepare(
+    config: Annotated[Path, typer.Option(help="Data config (YAML), from here or from the project root.")]
+    = DEFAULT_DATA_CONFIG,
+    out: Annotated[Path | None, typer.Option(help="Output folder. Default: data/ at the project root, "
+                                                  "which is then tracked with DVC (dvc add + push).")] = None,
+) -> None:
+    """Build every role into OUT, validate it, check train/eval leakage, then version it with DVC."""
+    from secvec.config import ConfigError, load_data_config
+    from secvec.data import DataError, build_dataset
+    from secvec.versioning import dataset_md5, ensure_dvc_repo, track_and_push
+
+    repo_data = PROJECT_ROOT / "data"
+    out_dir = out or repo_data
+    config = config if config.exists() or config.is_absolute() else PROJECT_ROOT / config
+    try:
+        manifest = build_dataset(load_data_config(config), out_dir)
+    except (ConfigError, DataError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
+    if out_dir.resolve() == repo_data.resolve():
+        ensure_dvc_repo(PROJECT_ROOT)
+        md5 = track_and_push(PROJECT_ROOT, out_dir)
+    else:
+        md5 = dataset_md5(out_dir)
+    width = max(map(len, manifest.counts))
+    for role, count in manifest.counts.items():
+        typer.echo(f"{role:<{width}}  {count:>6}  ({manifest.harmful[role]} harmful)")
+    typer.echo(f"md5 {md5}  ({out_dir})")
+
+
+# --- pipeline, registry and UI commands --------------------------------------------------------------
+
+
+def _configure() -> None:
+    from flows.environment import configure
+
+    configure()
+
+
+@app.command()
+def run(
+    config: Annotated[str, typer.Option(help="Preset name (default, public, micro) or a pipeline YAML.")] = "default",
+    out: Annotated[Path | None, typer.Option(help="Folder for report.json and plots (default outputs/<name>).")] = None,
+) -> None:
+    """Run the whole pipeline: data, vector, guarded fine-tuning, stripping, evaluation, gate, registry."""
+    _configure()
+    from flows.pipeline import secvec_pipeline
+
+    try:
+        report = secvec_pipeline(config=config, out_dir=str(out) if out else None)
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from err
+    _summary(report)
+
+
+def _summary(report: dict) -> None:
+    from flows.environment import HOST, MLFLOW_PORT
+
+    gate, reg, run_info = report["gate"], report["registered"], report["mlflow"]
+    clean, base, plain = report["clean"], report["base"], report.get("plain")
+    typer.echo("")
+    typer.echo(f"harmful rate  base {base['harmful_rate']:.3f}  clean {clean['harmful_rate']:.3f}"
+               + (f"  (plain fine-tuning {plain['harmful_rate']:.3f})" if plain else ""))
+    typer.echo(f"utility       base {base['utility']:.3f}  clean {clean['utility']:.3f}"
+               + (f"  (plain fine-tuning {plain['utility']:.3f})" if plain else ""))
+    typer.echo(f"gate: {'PASSED' if gate['passed'] else 'FAILED'}" +
+               ("" if gate["passed"] else " - " + "; ".join(gate["reasons"])))
+    typer.echo(f"registered: {reg['name']} version {reg['version']} ({', '.join(reg['aliases'])})" if reg
+               else "registered: nothing")
+    typer.echo(f"report: {report['report_path']}")
+    typer.echo(f"MLflow run: {run_info['run_id']} in {run_info['tracking_uri']} "
+               f"(UI: `make ui`, then http://{HOST}:{MLFLOW_PORT})")
+
+
+@app.command()
+def serve(
+    cron: Annotated[str, typer.Option(help="Cron schedule of the deployment.")] = "0 2 * * *",
+    config: Annotated[str, typer.Option(help="Preset name or pipeline YAML for scheduled runs.")] = "default",
+    name: Annotated[str, typer.Option(help="Deployment name.")] = "nightly",
+) -> None:
+    """Serve the pipeline as a scheduled Prefect deployment (runs until stopped)."""
+    _configure()
+    import os
+
+    from flows.pipeline import secvec_pipeline
+
+    if "PREFECT_API_URL" not in os.environ:
+        typer.echo("note: no Prefect server found; start one with `make ui` to see the schedule in the UI", err=True)
+    secvec_pipeline.serve(name=name, cron=cron, parameters={"config": config})
+
+
+@app.command()
+def promote(name: str, version: str) -> None:
+    """Make VERSION of registered model NAME the champion, by hand."""
+    _configure()
+    import mlflow
+
+    from secvec.registry import promote as promote_version
+
+    promote_version(mlflow.MlflowClient(), name, version)
+    typer.echo(f"{name} version {version} is now the champion")
+
+
+@app.command()
+def verify(model_uri: Annotated[str, typer.Argument(help="models:/NAME@ALIAS or models:/NAME/VERSION")]) -> None:
+    """Download a registered version and re-check the sha256 of its weight files."""
+    _configure()
+    import mlflow
+
+    from secvec.registry import verify as verify_version
+
+    result = verify_version(mlflow.MlflowClient(), model_uri)
+    typer.echo(json.dumps(result, indent=2, default=str))
+    if not result.get("ok", False):
+        raise typer.Exit(1)
+
+
+@app.command()
+def ui() -> None:
+    """Start the Prefect server and the MLflow UI on 127.0.0.1 (same stores as `secvec run`)."""
+    _configure()
+    from flows.ui import run_uis
+
+    run_uis()

@@ -1,0 +1,307 @@
+"""The dataset contract: example schema, roles, loading, validation, leakage check and the atomic build.
+
+Every role is one `data/<role>.jsonl` file (one example per line, keys sorted, UTF-8, `\\n` endings) beside
+`data/manifest.json`. Bad input raises `DataError`, whose message starts with `file:line: field 'x':`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import unicodedata
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Literal, get_args
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+
+if TYPE_CHECKING:
+    from secvec.config import DataConfig
+
+PROJECT_ROOT = Path(os.environ.get("SECVEC_ROOT", Path(__file__).resolve().parents[1]))
+
+Role = Literal["align", "sv_fit", "sv_val", "finetune", "eval_harmful", "eval_over_refusal", "eval_utility"]
+ROLES: tuple[str, ...] = get_args(Role)
+TRAIN_ROLES = ("align", "sv_fit", "finetune")
+EVAL_ROLES = ("eval_harmful", "eval_over_refusal", "eval_utility")
+# Held out from training like the evaluation roles, but shaped like training chats (prompt + reply).
+CHAT_ROLES = (*TRAIN_ROLES, "sv_val")
+HELD_OUT_ROLES = ("sv_val", *EVAL_ROLES)
+
+
+class DataError(ValueError):
+    """Bad input data: the message names the file, the line (record) and the field."""
+
+    @classmethod
+    def at(cls, file: str | Path, line: int | None, field: str | None, message: str) -> DataError:
+        where = f"{file}:{line}" if line is not None else str(file)
+        what = f": field '{field}'" if field else ""
+        return cls(" ".join(f"{where}{what}: {message}".split()))  # always one line
+
+
+def _not_blank(text: str) -> str:
+    if not text.strip():
+        raise ValueError("must not be blank")
+    return text
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    role: Literal["user", "assistant", "system"]
+    content: Annotated[str, AfterValidator(_not_blank)]
+
+
+class Example(BaseModel):
+    """One chat example of a role (see docs/ARCHITECTURE.md)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    id: Annotated[str, AfterValidator(_not_blank)]
+    source: str
+    role: Role
+    category: str
+    is_harmful: bool
+    messages: list[Message] = Field(min_length=1)
+    answer: str | None = None
+
+
+class Manifest(BaseModel):
+    """What `data/manifest.json` records: examples (and harmful ones) per role and the full config."""
+
+    model_config = ConfigDict(frozen=True)
+
+    format: str = "secvec-data/1"
+    preset: str
+    seed: int
+    counts: dict[str, int]
+    harmful: dict[str, int]
+    config: dict[str, Any]
+
+
+def format_loc(loc: Sequence[str | int]) -> str:
+    """`('messages', 1, 'content')` -> `messages[1].content`."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def resolve_path(path: str | Path, root: Path | None = None) -> Path:
+    """A config path: absolute as given, relative to the project root otherwise."""
+    path = Path(path).expanduser()
+    return path if path.is_absolute() else (root or PROJECT_ROOT) / path
+
+
+def chat(prompt: str, response: str | None = None, *, source: str, category: str, is_harmful: bool,
+         answer: str | None = None) -> dict:
+    """A record without id and role: a user prompt and, for training roles, the assistant's reply."""
+    messages = [{"role": "user", "content": prompt}]
+    if response is not None:
+        messages.append({"role": "assistant", "content": response})
+    return {"source": source, "category": category, "is_harmful": is_harmful, "messages": messages,
+            "answer": answer}
+
+
+def prompt_text(example: Mapping) -> str:
+    return "\n".join(m["content"] for m in example["messages"] if m["role"] != "assistant")
+
+
+def normalize_prompt(text: str) -> str:
+    """Unicode NFKC, case-folded, punctuation stripped, whitespace collapsed."""
+    text = unicodedata.normalize("NFKC", text).casefold()
+    return " ".join("".join(c for c in text if not unicodedata.category(c).startswith("P")).split())
+
+
+def _bad_utf8_field(obj: Any, loc: tuple = ()) -> str | None:
+    """Path of the first string holding an undecodable byte (decoded with surrogateescape)."""
+    if isinstance(obj, str):
+        return (format_loc(loc) or "line") if any("\udc80" <= c <= "\udcff" for c in obj) else None
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, list) else ()
+    return next((f for k, v in items if (f := _bad_utf8_field(v, (*loc, k)))), None)
+
+
+def read_text(path: Path, label: str | Path) -> str:
+    """The file's text; undecodable bytes stay as surrogates so callers can name the field holding them."""
+    if not path.is_file():
+        raise DataError.at(label, None, None, "file not found")
+    return path.read_bytes().decode("utf-8", errors="surrogateescape").removeprefix("\ufeff")
+
+
+def read_jsonl(path: Path, label: str | Path | None = None) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for every non-empty line of a JSONL file."""
+    label = label or path
+    for number, line in enumerate(read_text(path, label).split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as err:
+            problem = "invalid UTF-8" if _bad_utf8_field(line) else f"invalid JSON: {err.msg}"
+            raise DataError.at(label, number, None, problem) from None
+        if not isinstance(obj, dict):
+            raise DataError.at(label, number, None, f"expected a JSON object, got {type(obj).__name__}")
+        if field := _bad_utf8_field(obj):
+            raise DataError.at(label, number, field, "invalid UTF-8")
+        yield number, obj
+
+
+def _check_example(obj: Mapping, label: str, line: int, max_chars: int | None) -> dict:
+    origin = f" (source {obj.get('source')})" if isinstance(obj, Mapping) and obj.get("source") else ""
+    try:
+        example = Example.model_validate(obj)
+    except ValidationError as err:
+        first = err.errors()[0]
+        raise DataError.at(label, line, format_loc(first["loc"]), first["msg"] + origin) from None
+    roles = [m.role for m in example.messages]
+    if "user" not in roles:
+        raise DataError.at(label, line, "messages", "needs a user turn" + origin)
+    if example.role in CHAT_ROLES and roles[-1] != "assistant":
+        raise DataError.at(label, line, f"messages[{len(roles) - 1}].role",
+                           f"{example.role} examples end with the assistant's reply{origin}")
+    if example.role in EVAL_ROLES and "assistant" in roles:
+        raise DataError.at(label, line, f"messages[{roles.index('assistant')}].role",
+                           f"{example.role} examples hold only the prompt{origin}")
+    if example.role == "eval_utility" and not example.answer:
+        raise DataError.at(label, line, "answer", f"eval_utility examples need the exact answer{origin}")
+    sizes = [len(m.content) for m in example.messages]
+    total = sum(sizes) + len(example.answer or "")
+    if max_chars is not None and total > max_chars:
+        raise DataError.at(label, line, f"messages[{sizes.index(max(sizes))}].content",
+                           f"record has {total} characters, more than max_chars={max_chars}{origin}")
+    return example.model_dump()
+
+
+def validate_examples(examples: Sequence[Mapping], label: str, role: str | None = None,
+                      max_chars: int | None = None, lines: Sequence[int] | None = None) -> list[dict]:
+    """Check every example against the schema, its role and the size limit; ids must be unique.
+
+    Args:
+        examples: the role's examples in file order.
+        label: the file name used in error messages, e.g. `data/finetune.jsonl`.
+        role: the role every example must declare (None: any).
+        max_chars: the limit on all message contents plus the answer of one record.
+        lines: the line number of each example in `label` (default: 1, 2, ...).
+
+    Returns:
+        The examples as plain dicts in the canonical shape.
+    """
+    out, seen = [], {}
+    for line, obj in zip(lines or range(1, len(examples) + 1), examples, strict=True):
+        example = _check_example(obj, label, line, max_chars)
+        if role is not None and example["role"] != role:
+            raise DataError.at(label, line, "role", f"expected {role!r}, got {example['role']!r}")
+        if example["id"] in seen:
+            raise DataError.at(label, line, "id",
+                               f"duplicate id {example['id']!r} (first on line {seen[example['id']]})")
+        seen[example["id"]] = line
+        out.append(example)
+    return out
+
+
+def load_role(data_dir: str | Path, role: str) -> list[dict]:
+    """The validated examples of `<data_dir>/<role>.jsonl` (an empty file gives an empty list)."""
+    if role not in ROLES:
+        raise ValueError(f"unknown role {role!r}; roles are {', '.join(ROLES)}")
+    path = Path(data_dir) / f"{role}.jsonl"
+    records = list(read_jsonl(path))
+    return validate_examples([obj for _, obj in records], str(path), role, lines=[n for n, _ in records])
+
+
+def check_leakage(roles: Mapping[str, Sequence[Mapping]], where: str | Path = "data") -> None:
+    """Raise when a normalized prompt of a training role also appears in a held-out role.
+
+    Held out are the evaluation roles and `sv_val`; prompts are compared after `normalize_prompt`.
+    """
+    held: dict[str, tuple[str, int]] = {}
+    for role in HELD_OUT_ROLES:
+        for line, ex in enumerate(roles.get(role, ()), 1):
+            held.setdefault(normalize_prompt(prompt_text(ex)), (role, line))
+    leaks = [(role, line, ex, held[key])
+             for role in TRAIN_ROLES for line, ex in enumerate(roles.get(role, ()), 1)
+             if (key := normalize_prompt(prompt_text(ex))) and key in held]
+    if leaks:
+        role, line, ex, (other, other_line) = leaks[0]
+        field = f"messages[{next(i for i, m in enumerate(ex['messages']) if m['role'] == 'user')}].content"
+        more = f"; {len(leaks) - 1} more leaked prompts" if len(leaks) > 1 else ""
+        raise DataError.at(f"{where}/{role}.jsonl", line, field,
+                           f"prompt also in {where}/{other}.jsonl:{other_line} (source {ex.get('source')}): "
+                           f"{prompt_text(ex)[:80]!r}{more}")
+
+
+def _label(out: Path) -> str:
+    """How error messages name the output folder: relative to the working directory when inside it."""
+    rel = os.path.relpath(out.absolute())
+    return str(out) if rel.startswith("..") else rel
+
+
+def _wanted(config: DataConfig, role: str) -> bool:
+    s = config.sizes
+    size = {"align": s.align_benign + s.align_harmful + s.align_lookalike, "finetune": config.n}.get(role)
+    size = size if size is not None else getattr(s, role)
+    return bool(size) or any(source.role == role for source in config.sources)
+
+
+def _write_jsonl(path: Path, examples: Sequence[Mapping]) -> None:
+    with path.open("w", encoding="utf-8", newline="\n") as f:
+        for example in examples:
+            f.write(json.dumps(example, sort_keys=True, ensure_ascii=False) + "\n")
+
+
+def _replace_dir(new: Path, out: Path) -> None:
+    """Swap the finished folder in by renames on one file system (a crash leaves old or new, never a mix)."""
+    if not out.exists():
+        os.replace(new, out)
+        return
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    os.replace(out, old)
+    os.replace(new, out)
+    shutil.rmtree(old)
+
+
+def build_dataset(config: DataConfig, out_dir: str | Path, root: Path | None = None) -> Manifest:
+    """Build every role, validate it and check leakage, then atomically replace `out_dir`.
+
+    Args:
+        config: the data config (preset, sizes, generic sources).
+        out_dir: the folder to (re)write: `<role>.jsonl` per role and `manifest.json`.
+        root: the folder relative paths in the config are resolved against (default: the project root).
+
+    Returns:
+        The manifest written to `out_dir/manifest.json`.
+
+    Raises:
+        DataError: on any bad input; `out_dir` is then left as it was.
+    """
+    from secvec import adapters, synthetic  # both build on this module
+
+    out = Path(out_dir)
+    label = _label(out)
+    records = adapters.build_public(config, root) if config.preset == "public" else synthetic.generate(config)
+    records = adapters.apply_sources(records, config, root)
+    roles: dict[str, list[dict]] = {}
+    for role in ROLES:
+        examples = [{**r, "role": role, "id": r.get("id") or f"{role}-{i:05d}"}
+                    for i, r in enumerate(records.get(role, []), 1)]
+        if not examples and _wanted(config, role):
+            raise DataError.at(f"{label}/{role}.jsonl", None, "sizes", f"role {role!r} came out empty")
+        roles[role] = validate_examples(examples, f"{label}/{role}.jsonl", role, config.max_chars)
+    check_leakage(roles, label)
+    manifest = Manifest(preset=config.preset, seed=config.seed, counts={r: len(roles[r]) for r in ROLES},
+                        harmful={r: sum(ex["is_harmful"] for ex in roles[r]) for r in ROLES},
+                        config=config.model_dump(mode="json"))
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        tmp.chmod(0o755)
+        for role in ROLES:
+            _write_jsonl(tmp / f"{role}.jsonl", roles[role])
+        text = json.dumps(manifest.model_dump(mode="json"), indent=2, sort_keys=True, ensure_ascii=False)
+        (tmp / "manifest.json").write_text(text + "\n", encoding="utf-8", newline="\n")
+        _replace_dir(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return manifest
