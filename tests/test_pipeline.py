@@ -1,0 +1,104 @@
+"""The whole flow on the micro preset under a real Prefect run, a real MLflow store and registry."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.slow
+
+REPORT_KEYS = {"dataset_md5", "base", "clean", "gate", "registered", "strip_check", "vector_coverage", "timings_s"}
+METRIC_KEYS = {"harmful_rate", "over_refusal_rate", "utility", "perplexity"}
+
+
+@pytest.fixture(scope="module")
+def pipeline_env(tmp_path_factory):
+    """Isolated MLflow store, stage cache and Prefect test server for this module."""
+    import os
+
+    root = tmp_path_factory.mktemp("pipeline")
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
+    os.environ["SECVEC_CACHE"] = str(root / "cache")
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield root
+
+
+@pytest.fixture(scope="module")
+def first_run(pipeline_env):
+    from flows.pipeline import secvec_pipeline
+
+    return secvec_pipeline(config="micro", out_dir=str(pipeline_env / "out"))
+
+
+def _task_states(flow_run_id) -> dict[str, str]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return {run.name: run.state.name for run in runs}
+
+
+def test_report_has_every_field(first_run, pipeline_env):
+    report = first_run
+    assert REPORT_KEYS <= report.keys()
+    assert METRIC_KEYS <= report["base"].keys() and METRIC_KEYS <= report["clean"].keys()
+    assert report["strip_check"]["adapter_keys"] == [] and report["strip_check"]["max_abs_diff"] <= 1e-6
+    assert {"loss_on", "loss_off", "ratio"} <= report["vector_coverage"].keys()
+    assert report["vector_coverage"]["ratio"] < 1.0
+    assert {"prepare_data", "bootstrap", "fit_vector", "guarded_finetune", "strip", "evaluate"} <= report[
+        "timings_s"].keys()
+    on_disk = json.loads((pipeline_env / "out" / "report.json").read_text())
+    assert on_disk["dataset_md5"] == report["dataset_md5"]
+    assert (pipeline_env / "out" / "finetune_losses.png").stat().st_size > 1000
+
+
+def test_passing_run_registered_one_version_with_lineage(first_run):
+    import mlflow
+
+    assert first_run["gate"]["passed"], first_run["gate"]["reasons"]
+    reg = first_run["registered"]
+    client = mlflow.MlflowClient()
+    versions = client.search_model_versions(f"name = '{reg['name']}'")
+    assert [str(v.version) for v in versions] == [reg["version"]]
+    tags = versions[0].tags
+    assert tags["dataset_md5"] == first_run["dataset_md5"]
+    assert tags["vector_sha256"] == first_run["vector_sha256"]
+    assert {"base_model_sha256", "git_sha", "metrics", "thresholds", "weights_sha256"} <= tags.keys()
+    aliases = client.get_registered_model(reg["name"]).aliases
+    assert str(aliases["candidate"]) == reg["version"] and str(aliases["champion"]) == reg["version"]
+    run = client.get_run(first_run["mlflow"]["run_id"])
+    assert run.data.tags["gate"] == "passed"
+    assert "finetune/loss" in run.data.metrics and "clean/harmful_rate" in run.data.metrics
+    assert run.inputs.dataset_inputs, "the dataset was not logged as a run input"
+
+
+def test_failing_gate_registers_nothing_and_reuses_cached_stages(first_run, pipeline_env):
+    import mlflow
+
+    from flows.pipeline import secvec_pipeline
+
+    micro = yaml.safe_load((Path(__file__).parents[1] / "configs" / "micro.yaml").read_text())
+    micro["data"] = str(Path(__file__).parents[1] / micro["data"])
+    micro["gate"]["max_vector_loss_ratio"] = 1e-9  # no vector covers this well: the gate must fail
+    micro["registry"]["name"] = "secvec-micro-rejected"
+    path = pipeline_env / "strict.yaml"
+    path.write_text(yaml.safe_dump(micro))
+
+    state = secvec_pipeline(config=str(path), out_dir=str(pipeline_env / "strict"), return_state=True)
+    report = state.result()
+    assert not report["gate"]["passed"] and report["registered"] is None
+    assert any("vector" in r for r in report["gate"]["reasons"])
+    client = mlflow.MlflowClient()
+    assert client.search_model_versions("name = 'secvec-micro-rejected'") == []
+    assert client.get_run(report["mlflow"]["run_id"]).data.tags["gate"] == "rejected"
+
+    states = _task_states(state.state_details.flow_run_id)
+    for name in ("bootstrap-base", "fit-security-vector", "finetune", "strip-vector"):
+        matching = [s for n, s in states.items() if n.startswith(name)]
+        assert matching and all(s == "Cached" for s in matching), (name, states)
