@@ -51,7 +51,7 @@ def resolve_base(cfg: PipelineConfig, data: dict, cache: Path, timings: dict) ->
     return {**base, "bootstrapped": True}
 
 
-@flow(name="secvec-pipeline", log_prints=True)
+@flow(name="secvec-pipeline")
 def secvec_pipeline(config: str = "default", out_dir: str | None = None) -> dict:
     """Run the whole pipeline for a config file or preset name; returns the report (also report.json)."""
     cfg = load_pipeline_config(config)

@@ -86,8 +86,9 @@ def bootstrap_base(
     out_dir: str | Path,
     vocab_texts: Sequence[str] = (),
     callbacks: Sequence = (),
-) -> Path:
-    """Train the tiny aligned base on `align` chats and save it (safetensors + tokenizer) to `out_dir`.
+) -> list[dict]:
+    """Train the tiny aligned base on `align` chats, save it (safetensors + tokenizer) to `out_dir`,
+    and return the training log records.
 
     Args:
         vocab_texts: extra text the tokenizer should cover (e.g. every role of the dataset). Only the
@@ -108,4 +109,4 @@ def bootstrap_base(
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     log.info("bootstrap: final loss %.3f, saved to %s", history[-1].get("train_loss", float("nan")), out)
-    return out
+    return history

@@ -103,6 +103,14 @@ def _ensure_registered_model(client, name: str) -> None:
             raise
 
 
+def find_version(client, name: str, weights: dict[str, str]) -> str | None:
+    """The registered version of `name` whose weight files have exactly these sha256s, if any."""
+    for mv in client.search_model_versions(f"name = '{name}'"):
+        if json.loads(mv.tags.get(TAG_WEIGHTS) or "{}") == weights:
+            return str(mv.version)
+    return None
+
+
 def register_clean_model(client, run_id: str, model_dir: str | Path, name: str, tags: dict[str, Any],
                          expected_sha256: dict[str, str]) -> str:
     """Log the clean model as run artifacts and register it as a new version aliased `candidate`.

@@ -66,7 +66,9 @@ def micro_base(world, tmp_path_factory):
     cfg = BootstrapConfig(size="micro", train=TrainConfig(learning_rate=3e-3, epochs=15, batch_size=16,
                                                           progress_bar=False, logging_steps=50))
     vocab = [m["content"] for role in world.values() for ex in role for m in ex["messages"]]
-    return bootstrap_base(world["align"], cfg, tmp_path_factory.mktemp("micro") / "base", vocab)
+    out = tmp_path_factory.mktemp("micro") / "base"
+    bootstrap_base(world["align"], cfg, out, vocab)
+    return out
 
 
 MICRO_VECTOR = {"rank": 8, "alpha": 16, "kl_weight": 1.0}
