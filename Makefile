@@ -16,7 +16,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 180
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: run test install lint ui clean
+.PHONY: run test install lint ui clean bench-perf
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || python3 -m venv $(VENV)
@@ -30,6 +30,12 @@ run: $(STAMP)  ## set up, then run the whole pipeline on the embedded default
 
 test: $(STAMP)  ## set up, then run the whole test suite
 	$(BIN)/pytest -q
+
+bench-perf: $(STAMP)  ## performance benchmarks (~10 min): JSON lines on stdout and in benchmarks/results.jsonl
+	$(BIN)/python benchmarks/run.py
+
+ui: $(STAMP)  ## Prefect server and MLflow UI on 127.0.0.1, over the stores `make run` writes to
+	$(BIN)/secvec ui
 
 lint: $(STAMP)
 	$(BIN)/ruff check secvec tasks flows tests

@@ -52,10 +52,13 @@ def _csv_rows(path: Path, label: str | Path) -> Iterator[tuple[int, list[str]]]:
     """(first line of the row, cells) of every non-empty CSV row."""
     reader = csv.reader(io.StringIO(read_text(path, label), newline=""))
     start = 1
-    for row in reader:
-        if row:
-            yield start, row
-        start = reader.line_num + 1
+    try:
+        for row in reader:
+            if row:
+                yield start, row
+            start = reader.line_num + 1
+    except csv.Error as err:  # e.g. a field over csv's limit of 131,072 characters
+        raise DataError.at(label, reader.line_num, None, f"invalid CSV: {err}") from None
 
 
 def _csv_dicts(shared: Path, name: str) -> list[tuple[int, dict[str, str]]]:
@@ -239,6 +242,8 @@ def _source_rows(path: Path, source: SourceConfig) -> Iterator[tuple[int, dict]]
         line, header = next(rows, (1, []))
         if not header:
             raise DataError.at(source.path, 1, source.prompt_field, "no records (an empty CSV file)")
+        if any("\udc80" <= c <= "\udcff" for c in "".join(header)):  # before column names are echoed
+            raise DataError.at(source.path, line, None, "invalid UTF-8 in the header row")
         named = (source.prompt_field, source.response_field, source.answer_field, source.category_field,
                  source.id_field)
         for field in filter(None, named):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -114,6 +115,9 @@ class DataConfig(BaseModel):
     shared_datasets: str | None = None  # None: $SECVEC_SHARED_DATASETS, else ../shared/datasets
     max_chars: int = Field(4000, ge=1)  # per record (all messages plus the answer)
     sources: tuple[SourceConfig, ...] = ()
+    # Read source files outside the project, the shared datasets and this config's folder. Left out of
+    # dumps: it changes what may be read, not the data built (manifest.json and cache keys stay the same).
+    allow_outside_project: bool = Field(False, exclude=True)
 
     @model_validator(mode="before")
     @classmethod
@@ -142,14 +146,57 @@ class DataConfig(BaseModel):
 
 
 def load_data_config(path: str | Path, root: Path | None = None) -> DataConfig:
-    """Load a data config and check that its source files exist (errors point at the config's lines)."""
+    """Load a data config and check that its source files exist (errors point at the config's lines).
+
+    Raises:
+        ConfigError: an invalid field, a source file that is missing, or a path outside the project
+            that `allow_outside_project` does not allow (see `check_path`).
+    """
     config, node = _load(Path(path), DataConfig)
+    allow = config.allow_outside_project
+    if config.shared_datasets is not None:
+        check_path(config.shared_datasets, Path(path), node, ("shared_datasets",), root, allow_outside=allow)
     for i, source in enumerate(config.sources):
-        if not resolve_path(source.path, root).is_file():
-            loc = ("sources", i, "path")
+        loc = ("sources", i, "path")
+        if not check_path(source.path, Path(path), node, loc, root, allow_outside=allow).is_file():
             raise ConfigError(f"{path}:{yaml_line(node, loc)}: field '{format_loc(loc)}': file not found: "
                               f"{resolve_path(source.path, root)}")
     return config
+
+
+# ---- paths: where a config may read and write ----------------------------------------------------------
+
+SHARED_ENV = "SECVEC_SHARED_DATASETS"  # the variable secvec.adapters reads the shared datasets from
+
+
+def check_path(value: str | Path, config_file: Path, node: yaml.Node | None, loc: tuple[str | int, ...],
+               root: Path | None = None, *, output: bool = False, allow_outside: bool = False) -> Path:
+    """Resolve a path named by a config and refuse it if it escapes the project.
+
+    Inputs may lie in the project, the shared datasets folder (`../shared/datasets` or $SECVEC_SHARED_DATASETS)
+    or the config file's own folder; anywhere else needs `allow_outside`. Outputs (folders that get
+    replaced) must lie strictly inside the project, always. Symlinks and `..` are resolved before comparing.
+
+    Returns:
+        The path as `resolve_path` gives it (relative paths from the project root).
+
+    Raises:
+        ConfigError: `file:line: field 'x': /resolved/path is outside the project (...)`.
+    """
+    path = resolve_path(value, root)
+    real, project = path.resolve(), (root or PROJECT_ROOT).resolve()
+    if output:
+        if real == project or not real.is_relative_to(project):
+            raise ConfigError(f"{config_file}:{yaml_line(node, loc)}: field '{format_loc(loc)}': {real} is not "
+                              f"inside the project ({project}): outputs are written and replaced only there")
+        return path
+    readable = [project, resolve_path("../shared/datasets", project), config_file.resolve().parent]
+    readable += [resolve_path(os.environ[SHARED_ENV], project)] if os.environ.get(SHARED_ENV) else []
+    if not allow_outside and not any(real.is_relative_to(folder.resolve()) for folder in readable):
+        raise ConfigError(f"{config_file}:{yaml_line(node, loc)}: field '{format_loc(loc)}': {real} is outside "
+                          f"the project ({project}), the shared datasets and the config's folder; set "
+                          "allow_outside_project: true to read it anyway")
+    return path
 
 
 # ---- loading ----------------------------------------------------------------------------------------------
@@ -358,6 +405,7 @@ class PipelineConfig(BaseModel):
     data_dir: Path | None = None  # `data` (the DVC-tracked folder) for the default; None: the stage cache
     base_model: Path | None = None  # a local HF model directory; None: bootstrap the tiny base
     allow_pickle: bool = False  # only for model directories you trust: pickle weights can run code
+    allow_outside_project: bool = False  # read `data` / `base_model` outside the project (never `data_dir`)
     bootstrap: BootstrapConfig = Field(default_factory=BootstrapConfig)
     vector: VectorConfig = Field(default_factory=VectorConfig)
     coverage_first_k: int = Field(8, ge=1)
@@ -373,13 +421,16 @@ def load_pipeline_config(name_or_path: str | Path) -> PipelineConfig:
     """Load a preset (`default`, `micro`, `public`) or a pipeline YAML; paths in it resolve from the project.
 
     Raises:
-        ConfigError: no such file, or a field that does not validate (file, line and field named).
+        ConfigError: no such file, a field that does not validate, or a path that escapes the project
+            (file, line and field named).
     """
     path = Path(name_or_path)
     path = resolve_path(path) if path.suffix in (".yaml", ".yml") else PRESETS_DIR / f"{name_or_path}.yaml"
     if not path.is_file():
         presets = ", ".join(sorted(p.stem for p in PRESETS_DIR.glob("*.yaml")))
         raise ConfigError(f"{path}: no such config file (presets: {presets})")
-    cfg = load_yaml_config(path, PipelineConfig)
-    paths = {k: resolve_path(v) for k in ("data", "data_dir", "base_model") if (v := getattr(cfg, k)) is not None}
+    cfg, node = _load(path, PipelineConfig)
+    # `data_dir` is rebuilt and replaced by every run: it must stay inside the project whatever the flag says.
+    paths = {k: check_path(v, path, node, (k,), output=k == "data_dir", allow_outside=cfg.allow_outside_project)
+             for k in ("data", "data_dir", "base_model") if (v := getattr(cfg, k)) is not None}
     return cfg.model_copy(update=paths)

@@ -38,7 +38,8 @@ class DataError(ValueError):
     def at(cls, file: str | Path, line: int | None, field: str | None, message: str) -> DataError:
         where = f"{file}:{line}" if line is not None else str(file)
         what = f": field '{field}'" if field else ""
-        return cls(" ".join(f"{where}{what}: {message}".split()))  # always one line
+        text = " ".join(f"{where}{what}: {message}".split())  # always one line
+        return cls(text.encode("utf-8", "backslashreplace").decode())  # printable: undecodable bytes as \\udcff
 
 
 def _not_blank(text: str) -> str:
@@ -116,11 +117,15 @@ def normalize_prompt(text: str) -> str:
 
 
 def _bad_utf8_field(obj: Any, loc: tuple = ()) -> str | None:
-    """Path of the first string holding an undecodable byte (decoded with surrogateescape)."""
+    """Path of the first string holding a surrogate: an undecodable byte (kept by surrogateescape) or a
+    JSON `\\ud800`-style escape; neither can be written back as UTF-8."""
     if isinstance(obj, str):
-        return (format_loc(loc) or "line") if any("\udc80" <= c <= "\udcff" for c in obj) else None
+        return (format_loc(loc) or "line") if any("\ud800" <= c <= "\udfff" for c in obj) else None
     items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, list) else ()
-    return next((f for k, v in items if (f := _bad_utf8_field(v, (*loc, k)))), None)
+    for key, value in items:  # keys too: a corrupt key is as invalid as a corrupt value
+        if field := _bad_utf8_field(key, (*loc, key)) or _bad_utf8_field(value, (*loc, key)):
+            return field
+    return None
 
 
 def read_text(path: Path, label: str | Path) -> str:
@@ -138,12 +143,17 @@ def read_jsonl(path: Path, label: str | Path | None = None) -> Iterator[tuple[in
             continue
         try:
             obj = json.loads(line)
+            field = _bad_utf8_field(obj)
         except json.JSONDecodeError as err:
             problem = "invalid UTF-8" if _bad_utf8_field(line) else f"invalid JSON: {err.msg}"
             raise DataError.at(label, number, None, problem) from None
+        except RecursionError:  # `[[[[...` deeper than Python's recursion limit
+            raise DataError.at(label, number, None, "invalid JSON: nested too deeply") from None
+        except ValueError as err:  # an integer of more than 4300 digits
+            raise DataError.at(label, number, None, f"invalid JSON: {str(err).split(':')[0]}") from None
         if not isinstance(obj, dict):
             raise DataError.at(label, number, None, f"expected a JSON object, got {type(obj).__name__}")
-        if field := _bad_utf8_field(obj):
+        if field:
             raise DataError.at(label, number, field, "invalid UTF-8")
         yield number, obj
 
@@ -155,6 +165,8 @@ def _check_example(obj: Mapping, label: str, line: int, max_chars: int | None) -
     except ValidationError as err:
         first = err.errors()[0]
         raise DataError.at(label, line, format_loc(first["loc"]), first["msg"] + origin) from None
+    if field := _bad_utf8_field(example.model_dump()):  # e.g. a lone surrogate from a `\ud800` escape
+        raise DataError.at(label, line, field, "invalid UTF-8" + origin)
     roles = [m.role for m in example.messages]
     if "user" not in roles:
         raise DataError.at(label, line, "messages", "needs a user turn" + origin)
@@ -273,12 +285,17 @@ def build_dataset(config: DataConfig, out_dir: str | Path, root: Path | None = N
         The manifest written to `out_dir/manifest.json`.
 
     Raises:
-        DataError: on any bad input; `out_dir` is then left as it was.
+        DataError: on any bad input, or an `out_dir` that holds something other than a dataset build;
+            `out_dir` is then left as it was.
     """
     from secvec import adapters, synthetic  # both build on this module
 
     out = Path(out_dir)
     label = _label(out)
+    # The old folder is deleted on success: only ever a previous build (or nothing), never e.g. `secvec/`.
+    if out.exists() and not (out / "manifest.json").is_file() and not (out.is_dir() and not any(out.iterdir())):
+        raise DataError.at(label, None, None, "exists and is not a dataset folder (no manifest.json): "
+                           "refusing to replace it")
     records = adapters.build_public(config, root) if config.preset == "public" else synthetic.generate(config)
     records = adapters.apply_sources(records, config, root)
     roles: dict[str, list[dict]] = {}

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from prefect import get_run_logger, task
-from secvec.data import TRAIN_ROLES, load_role
 
 from secvec.bootstrap import BootstrapConfig, bootstrap_base
+from secvec.data import TRAIN_ROLES, load_role
 from secvec.models import count_params, hash_model_dir, load_causal_lm
 from tasks.common import CACHED, PrefectProgress, begin, finish
 

@@ -6,7 +6,14 @@ import mlflow
 from prefect import get_run_logger, task
 
 from secvec.gate import Thresholds, decide
-from secvec.registry import CANDIDATE, CHAMPION, ChampionPolicy, find_version, maybe_promote, register_clean_model
+from secvec.registry import (
+    CANDIDATE,
+    CHAMPION,
+    ChampionPolicy,
+    find_version,
+    maybe_promote,
+    register_clean_model,
+)
 from tasks.common import RETRIES
 
 

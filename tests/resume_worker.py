@@ -34,7 +34,8 @@ def main() -> None:
     model = load_vector(model, vector_dir)
     cfg = FinetuneConfig(train=TrainConfig(learning_rate=1e-3, epochs=2, batch_size=16, weight_decay=0.01,
                                            save_steps=4, seed=5, progress_bar=False))
-    examples = json.loads(open(data_json).read())
+    with open(data_json) as fh:
+        examples = json.load(fh)
     print(f"resume from: {last_checkpoint(out_dir)}", flush=True)
     finetune(model, tokenizer, examples, cfg, out_dir, callbacks=[KillAt(kill_at)] if kill_at else [])
     probe = torch.tensor([[1, 2, 3]])

@@ -328,19 +328,16 @@ def test_prepare_data_task_builds_into_the_cache(tmp_path, monkeypatch):
     assert result["counts"]["finetune"] == 1000
 
 
-def test_each_role_is_logged_to_mlflow_with_the_md5(tmp_path, default_dir):
+def test_each_role_is_logged_to_mlflow_with_the_md5(tmp_path, default_dir, monkeypatch):
     import mlflow
 
     from tasks.data import log_dataset_to_mlflow
 
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    try:
-        with mlflow.start_run() as run:
-            log_dataset_to_mlflow(default_dir, "abc.dir")
-        logged = mlflow.MlflowClient().get_run(run.info.run_id)
-    finally:
-        mlflow.set_tracking_uri(previous)
+    # The environment variable, not mlflow.set_tracking_uri: that would pin the store for later tests.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    with mlflow.start_run() as run:
+        log_dataset_to_mlflow(default_dir, "abc.dir")
+    logged = mlflow.MlflowClient().get_run(run.info.run_id)
     assert logged.data.tags["dataset_md5"] == "abc.dir"
     inputs = {d.dataset.name: {t.key: t.value for t in d.tags} for d in logged.inputs.dataset_inputs}
     assert sorted(inputs) == sorted(ROLES)
