@@ -1,0 +1,1 @@
+"""Performance benchmarks of secvec (`make bench-perf`); see docs/PERFORMANCE.md."""
