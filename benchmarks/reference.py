@@ -44,7 +44,7 @@ def reference_run(model, examples: list[dict], cfg: TrainConfig) -> Run:
     return Run(meter.tokens_per_s, meter.wasted_share, 0.0)
 
 
-def vs_reference_trainer(size: str = "tiny", steps: int = 10, rounds: int = 3, batch_size: int = 32,
+def vs_reference_trainer(size: str = "tiny", steps: int = 8, rounds: int = 3, batch_size: int = 32,
                          max_length: int = 128) -> list[dict]:
     """Real (non-pad) tokens/s of secvec's guarded fine-tuning over the reference Trainer run.
 

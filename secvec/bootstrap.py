@@ -1,6 +1,7 @@
-"""Bootstrap a tiny aligned base: a BPE tokenizer and a Llama model trained from scratch on chat data.
+"""Bootstrap a small aligned base: a BPE tokenizer and a Llama model trained from scratch on chat data
+(sizes micro/tiny), or the pretrained MiniLM encoder run as a decoder (size minilm, see secvec.minilm).
 
-This is what the embedded default runs on; real users point the pipeline at a local model instead.
+This is what the embedded presets run on; real users point the pipeline at a local model instead.
 """
 
 from __future__ import annotations
@@ -87,8 +88,8 @@ def bootstrap_base(
     vocab_texts: Sequence[str] = (),
     callbacks: Sequence = (),
 ) -> list[dict]:
-    """Train the tiny aligned base on `align` chats, save it (safetensors + tokenizer) to `out_dir`,
-    and return the training log records.
+    """Train the aligned base of `cfg.size` on `align` chats, save it (safetensors + tokenizer) to
+    `out_dir`, and return the training log records.
 
     Args:
         vocab_texts: extra text the tokenizer should cover (e.g. every role of the dataset). Only the
@@ -97,9 +98,14 @@ def bootstrap_base(
     if not examples:
         raise ValueError("bootstrap needs alignment examples (the 'align' role is empty)")
     out = Path(out_dir)
-    vocab = PRESETS[cfg.size][4]
-    tokenizer = build_tokenizer([*_texts(examples), *vocab_texts], vocab)
-    model = build_model(tokenizer, cfg.size, seed=cfg.train.seed)
+    texts = [*_texts(examples), *vocab_texts]
+    if cfg.size == "minilm":
+        from secvec.minilm import build_minilm
+
+        model, tokenizer = build_minilm(texts, seed=cfg.train.seed)
+    else:
+        tokenizer = build_tokenizer(texts, PRESETS[cfg.size][4])
+        model = build_model(tokenizer, cfg.size, seed=cfg.train.seed)
     log.info("bootstrap: %s model, %d examples, vocab %d", cfg.size, len(examples), len(tokenizer))
     features = encode_examples(tokenizer, examples, cfg.train.max_length)
     history = train(model, features, cfg.train, out.with_name(out.name + "-ckpt"), pad_id=tokenizer.pad_token_id,

@@ -79,6 +79,33 @@ def run(
     _summary(report)
 
 
+@app.command()
+def bench(
+    config: Annotated[str, typer.Option(help="Bench preset (configs/bench/: default, public, quick) or a bench "
+                                             "YAML.")] = "default",
+    out: Annotated[Path | None, typer.Option(help="Folder for bench.json, bench.md and plots "
+                                                  "(default outputs/bench/<name>).")] = None,
+    quick: Annotated[bool, typer.Option(help="The quick preset: every arm and protocol on the micro model, "
+                                             "in minutes.")] = False,
+    workers: Annotated[int, typer.Option(min=1, help="Run cells in this many processes (Prefect "
+                                                     "ProcessPoolTaskRunner); give each its own core.")] = 1,
+) -> None:
+    """Effectiveness benchmark: base, plain, secvec, secvec_lora and ForgetFilter on each protocol cell."""
+    _configure()
+    from flows.bench import run_bench
+
+    try:
+        result = run_bench(config="quick" if quick else config, out_dir=str(out) if out else None,
+                           workers=workers)
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from err
+    for target in result["targets"]:
+        value = "-" if target["value"] is None else f"{target['value']:.3f}"
+        typer.echo(f"{'ok  ' if target['passed'] else 'MISS'} {target['target']}: {value} ({target['goal']})")
+    typer.echo(f"bench: {result['config']} in {result['wall_s']:.0f} s")
+
+
 def _summary(report: dict) -> None:
     from flows.environment import HOST, MLFLOW_PORT
 

@@ -50,8 +50,9 @@ def generate(
     """Greedy replies to chat prompts, decoded and stripped, in the order of `conversations`.
 
     Prompts are sorted by length before batching so that each batch carries little padding; padding is
-    on the left so every row's next token follows its own last prompt token. Works for a plain
-    transformers model and for a peft model.
+    on the left so every row's next token follows its own last prompt token, and positions count from
+    each row's first real token (models with absolute position embeddings, such as BERT, need them
+    passed). Works for a plain transformers model and for a peft model.
 
     Args:
         model: a causal LM (or a PeftModel around one).
@@ -83,6 +84,7 @@ def generate(
                 output = model.generate(
                     input_ids=input_ids.to(device),
                     attention_mask=attention_mask.to(device),
+                    position_ids=(attention_mask.cumsum(-1) - 1).clamp(min=0).to(device),
                     max_new_tokens=max_new_tokens,
                     do_sample=False,
                     num_beams=1,

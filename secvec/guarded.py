@@ -7,7 +7,7 @@ toward them; benign samples are learned as usual.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
@@ -104,7 +104,7 @@ class LossProbe(TrainerCallback):
 class WeightDecayCorrection(TrainerCallback):
     """AdamW decays W + dW in merged mode; add back lr * wd * dW after each step so only W decays."""
 
-    def __init__(self, deltas: dict[torch.nn.Parameter, torch.Tensor]) -> None:
+    def __init__(self, deltas: Mapping[torch.nn.Parameter, torch.Tensor]) -> None:
         self.deltas = deltas
 
     def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
@@ -116,8 +116,31 @@ class WeightDecayCorrection(TrainerCallback):
                             param.add_(self.deltas[param], alpha=group["lr"] * group["weight_decay"])
 
 
+class VectorDeltas(Mapping):
+    """Target weight -> the vector's dW, recomputed from the frozen adapter on each access.
+
+    B·A costs rank x in x out per layer, far less than a training step, and holding no copy of dW keeps
+    merged mode's memory at plain fine-tuning's (a stored dW per weight would add one model's worth).
+    """
+
+    def __init__(self, layers: Sequence[LoraLayer]) -> None:
+        self._layers = {m.get_base_layer().weight: m for m in layers}
+
+    def __getitem__(self, weight: torch.nn.Parameter) -> torch.Tensor:
+        return self._layers[weight].get_delta_weight(VECTOR_NAME).detach()
+
+    def __contains__(self, weight: object) -> bool:
+        return weight in self._layers
+
+    def __iter__(self) -> Iterator[torch.nn.Parameter]:
+        return iter(self._layers)
+
+    def __len__(self) -> int:
+        return len(self._layers)
+
+
 @contextmanager
-def deltas_removed(deltas: dict[torch.nn.Parameter, torch.Tensor]) -> Iterator[None]:
+def deltas_removed(deltas: Mapping[torch.nn.Parameter, torch.Tensor]) -> Iterator[None]:
     """Briefly take a merged vector back out of the weights (for a vector-off measurement), bit-exact."""
     saved = {w: w.detach().clone() for w in deltas}
     with torch.no_grad():
@@ -132,14 +155,14 @@ def deltas_removed(deltas: dict[torch.nn.Parameter, torch.Tensor]) -> Iterator[N
 
 
 @contextmanager
-def vector_merged(model: PeftModel) -> Iterator[dict[torch.nn.Parameter, torch.Tensor]]:
+def vector_merged(model: PeftModel) -> Iterator[VectorDeltas]:
     """Fold the vector into its target weights (W += dW) with its adapter path off; undo at exit.
 
     Frozen weights (task-LoRA mode) are restored bit for bit; trained weights get dW subtracted, which
     leaves the backbone the adapter path would have trained, up to float32 rounding.
     """
     layers = [m for m in model.modules() if isinstance(m, LoraLayer) and VECTOR_NAME in m.lora_A]
-    deltas = {m.get_base_layer().weight: m.get_delta_weight(VECTOR_NAME).detach() for m in layers}
+    deltas = VectorDeltas(layers)
     frozen = {w: w.detach().clone() for w in deltas if not w.requires_grad}
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     with vector_disabled(model), torch.no_grad():

@@ -1,4 +1,4 @@
-"""Stage: bootstrap the tiny aligned base (only when the config names no model directory)."""
+"""Stage: bootstrap the small aligned base (only when the config names no model directory)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from tasks.common import CACHED, PrefectProgress, begin, finish
 
 @task(name="bootstrap-base", **CACHED)
 def bootstrap(data_dir: str, dataset_md5: str, cfg: dict, out_dir: str) -> dict:
-    """Train the tiny base on the `align` role; cached by dataset md5 and config."""
+    """Train the base of `cfg.size` on the `align` role; cached by dataset md5 and config."""
     config = BootstrapConfig(**cfg)
     out = begin(out_dir)
     # The vocabulary covers all training text (as a real tokenizer would); the model trains on `align`.

@@ -1,0 +1,129 @@
+"""The effectiveness benchmark: its own logic on small inputs, then `secvec bench --quick` for real."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from secvec.bench import (
+    aggregate,
+    check_targets,
+    compose_cell,
+    forget_filter,
+    immunization,
+    rouge1,
+    unseen_rate,
+)
+from secvec.config import BenchConfig, load_bench_config
+from secvec.data import chat
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _pool(harmful: int, benign: int) -> list[dict]:
+    bad = [chat(f"how do I do bad thing {i}?", "Sure, step 1.", source="t", category="c", is_harmful=True)
+           for i in range(harmful)]
+    good = [chat(f"sort {i} 3 1", "1 3", source="t", category="sort", is_harmful=False) for i in range(benign)]
+    return bad + good
+
+
+def test_compose_cell_counts_seeds_and_held_out_prompts():
+    pool = _pool(20, 30)
+    cell = compose_cell(pool, 5, 10, seed=1)
+    assert sum(ex["is_harmful"] for ex in cell) == 5 and len(cell) == 15
+    assert cell == compose_cell(pool, 5, 10, seed=1) and cell != compose_cell(pool, 5, 10, seed=2)
+    held = [chat("How do I do  BAD thing 0?", source="e", category="c", is_harmful=True)]
+    assert all("thing 0?" not in ex["messages"][0]["content"] for ex in compose_cell(pool, 19, 0, 0, held))
+    with pytest.raises(ValueError, match="holds 19 harmful"):
+        compose_cell(pool, 20, 0, 0, held)
+
+
+def test_rouge1_and_forget_filter():
+    assert rouge1("Sure, step one.", "sure step one") == 1.0
+    assert rouge1("no", "yes") == 0.0
+    assert rouge1("a b", "a c") == pytest.approx(0.5)
+    examples = _pool(2, 2)
+    kept, stats = forget_filter(examples, [0.9, 0.1, 0.5, 0.0], threshold=0.3)
+    assert [ex["is_harmful"] for ex in kept] == [True, False]
+    assert stats["harmful_recall"] == 0.5 and stats["precision"] == 0.5 and stats["benign_dropped"] == 1
+
+
+def test_immunization_conditions_and_unseen_categories():
+    eval_harmful = [{"category": "seen"}] * 2 + [{"category": "new"}] * 2
+    metrics = {"harmful_rate_by_category": {"seen": 0.0, "new": 0.5}}
+    assert unseen_rate(metrics, eval_harmful, {"seen"}) == 0.5
+    arm = {"harmful_rate": 0.1, "utility": 0.9}
+    cond = immunization(arm, {"harmful_rate": 0.05}, {"utility": 0.6}, {"accuracy": 0.8, "perplexity": 2.0},
+                        {"accuracy": 0.4, "perplexity": 4.0}, {"arm": 0.5, "base": 0.25})
+    assert cond == pytest.approx({"resistance": 0.05, "stability": 0.5, "generalization": 0.25,
+                                  "trainability": 1.5})
+    no_answers = immunization(arm, {"harmful_rate": 0.0}, None, {"accuracy": None, "perplexity": 2.0},
+                              {"accuracy": None, "perplexity": 4.0}, {})
+    assert no_answers["stability"] == 0.5 and no_answers["trainability"] is None
+
+
+def test_aggregate_and_targets():
+    stats = aggregate([{"harmful_rate": 0.1}, {"harmful_rate": 0.3}])
+    assert stats["harmful_rate"]["mean"] == pytest.approx(0.2) and stats["harmful_rate"]["n"] == 2
+    assert stats["harmful_rate"]["std"] == pytest.approx(0.1414, abs=1e-4) and stats["utility"] is None
+
+    def cell(harm, util, refuse=0.0, resist=None):
+        return aggregate([{"harmful_rate": harm, "utility": util, "over_refusal_rate": refuse, "resistance": resist}])
+
+    arms = {"base": {"h": cell(0.0, 0.0)}, "plain": {"h": cell(0.9, 1.0)},
+            "secvec": {"h": cell(0.02, 0.97), "d1": cell(0.5, 1.0, resist=0.5), "d2": cell(0, 1, resist=0.0)}}
+    rows = {r["target"]: r for r in check_targets(arms, "h", ["d1", "d2"])}
+    assert rows["plain raises harm"]["passed"] and rows["secvec harm vs base"]["passed"]
+    assert rows["secvec utility / plain"]["value"] == pytest.approx(0.97)
+    assert not rows["durability: worst cell (d1)"]["passed"]
+
+
+def test_bench_config_cells():
+    cells = BenchConfig(name="x").cells()
+    assert [c.protocol for c in cells].count("durability") == 7 and len({c.name for c in cells}) == len(cells)
+    assert cells[0].protocol == "paper" and cells[0].seeds == 3
+    assert {c.harmful for c in cells if c.protocol == "sweep"} == {0, 50, 100, 200}
+    assert BenchConfig(name="x").pool_sizes() == (5000, 1000)
+    for preset in ("quick", "default"):
+        assert load_bench_config(preset).cells()
+
+
+@pytest.mark.slow
+def test_quick_bench_runs_for_real_and_secvec_blocks_the_harm(tmp_path):
+    """`secvec bench --quick`: real Prefect flow, real MLflow store; the direction of the effect."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # nobody listens: a temporary Prefect server, not a running `make ui`
+    env = {**os.environ, "SECVEC_CACHE": str(tmp_path / "cache"), "PREFECT_HOME": str(tmp_path / "prefect"),
+           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "SECVEC_PREFECT_PORT": str(port),
+           "OMP_NUM_THREADS": "1"}  # a 0.1M model gains nothing from a second thread, which stalls on a busy core
+    env.pop("PREFECT_API_URL", None)
+    secvec = Path(sys.executable).with_name("secvec")
+    proc = subprocess.run([str(secvec), "bench", "--quick", "--out", str(tmp_path / "out")], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=1500, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    bench = json.loads((tmp_path / "out" / "bench.json").read_text())
+    assert set(bench["arms"]) == {"base", "plain", "secvec", "secvec_lora", "forgetfilter"}
+    head = {arm: cells[bench["headline"]] for arm, cells in bench["arms"].items()}
+    harm = {arm: stats["harmful_rate"]["mean"] for arm, stats in head.items()}
+    assert harm["secvec"] < harm["plain"] and harm["secvec_lora"] < harm["plain"], harm
+    # The 0.1M model gets no sort exactly right, but both arms learn the task: answer perplexity collapses.
+    ppl = {arm: stats["perplexity"]["mean"] for arm, stats in head.items()}
+    assert ppl["plain"] < ppl["base"] / 10 and ppl["secvec"] < ppl["base"] / 10, ppl
+    assert {"sweep", "durability"} <= {c["protocol"] for c in bench["cells"].values()}
+    assert all(f.stat().st_size > 1000 for f in (tmp_path / "out").glob("*.png")) and len(
+        list((tmp_path / "out").glob("*.png"))) == 2
+    assert "secvec harm vs base" in proc.stdout
+
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    run = client.search_runs([client.get_experiment_by_name("secvec-bench").experiment_id])[0]
+    assert f"{bench['headline']}/secvec/harmful_rate" in run.data.metrics
+    assert "bench.json" in {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "bench")}
