@@ -11,6 +11,8 @@ import json
 import os
 import re
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,8 +27,9 @@ from prefect.task_runners import ProcessPoolTaskRunner
 
 from flows.pipeline import resolve_base
 from secvec.bench import aggregate, check_targets, immunization, markdown_tables, plot_sweep, unseen_rate
-from secvec.config import BenchConfig, Cell, PipelineConfig, load_bench_config, load_pipeline_config
+from secvec.config import ARMS, BenchConfig, Cell, PipelineConfig, load_bench_config, load_pipeline_config
 from secvec.data import load_role
+from secvec.evaluate import spread
 from secvec.report import plot_probe_losses
 from tasks import tracking
 from tasks.bench import build_attack_pool, forgetfilter_select, make_cell_data, score_base_tasks
@@ -55,9 +58,10 @@ class Bench:
     base_tasks: dict
     seen_categories: set[str]
     eval_harmful: list[dict]
+    eval_cfg: dict
 
     def score(self, label: str, model_dir: str, sha: str, cell: dict) -> tuple[dict, dict]:
-        metrics = evaluate(label, model_dir, sha, cell["data_dir"], cell["md5"], self.pipe.eval.model_dump())
+        metrics = evaluate(label, model_dir, sha, cell["data_dir"], cell["md5"], self.eval_cfg)
         tasks = score_base_tasks(label, model_dir, sha, self.data_dir, self.md5, self.cfg.base_task_examples)
         return metrics, tasks
 
@@ -152,24 +156,27 @@ def cell_task(bench: Bench, cell: Cell, seed: int, pool: dict, threads: int) -> 
 
 
 def run_cells(bench: Bench, pool: dict, workers: int) -> list[dict]:
-    """Every cell and seed; cells equal in data and training run once. With workers > 1, in processes.
+    """Every cell and seed; cells equal in data and training run once, with the union of their arms.
+    With workers > 1, in processes.
 
     Stages that cells share (the vector of each seed) are computed first, so no two processes write one.
     """
     jobs: dict[tuple, list[Cell]] = {}
     for cell in bench.cfg.cells():
         for seed in range(cell.seeds):
-            jobs.setdefault((cell.harmful, cell.benign, cell.lr_scale, cell.epochs, cell.arms, seed), []).append(cell)
+            jobs.setdefault((cell.harmful, cell.benign, cell.lr_scale, cell.epochs, seed), []).append(cell)
+    todo = {key: cells[0].model_copy(update={"arms": tuple(a for a in ARMS if any(a in c.arms for c in cells))})
+            for key, cells in jobs.items()}
     if workers > 1:
         for seed in sorted({key[-1] for key in jobs}):
             bench.vector(seed)
         threads = max(1, len(os.sched_getaffinity(0)) // workers)
-        futures = {key: cell_task.submit(bench, cells[0], key[-1], pool, threads) for key, cells in jobs.items()}
+        futures = {key: cell_task.submit(bench, cell, key[-1], pool, threads) for key, cell in todo.items()}
         results = {key: future.result() for key, future in futures.items()}
     else:
-        results = {key: run_cell(bench, cells[0], key[-1], pool) for key, cells in jobs.items()}
+        results = {key: run_cell(bench, cell, key[-1], pool) for key, cell in todo.items()}
     return [{**record, "cell": cell.name, "protocol": cell.protocol}
-            for key, cells in jobs.items() for cell in cells for record in results[key]]
+            for key, cells in jobs.items() for cell in cells for record in results[key] if record["arm"] in cell.arms]
 
 
 def summarize(cfg: BenchConfig, runs: list[dict]) -> dict:
@@ -230,14 +237,14 @@ def secvec_bench(config: str = "default", out_dir: str | None = None, workers: i
         harmful, benign = cfg.pool_sizes()
         pool_out = stage_dir(cache, "attack-pool", str(pipe.data), data["md5"], harmful, benign)
         pool = fresh(build_attack_pool, pool_out)(str(pipe.data), data["md5"], harmful, benign, str(pool_out))
-        eval_cfg = pipe.eval.model_dump()
+        eval_cfg = (cfg.eval or pipe.eval).model_dump()
         base_metrics = evaluate("base", base["model_dir"], base["model_sha256"], data["data_dir"], data["md5"],
                                 eval_cfg)
         base_tasks = score_base_tasks("base", base["model_dir"], base["model_sha256"], data["data_dir"], data["md5"],
                                       cfg.base_task_examples)
         bench = Bench(cfg, pipe, cache, data["data_dir"], data["md5"], base["model_dir"], base["model_sha256"],
                       base_metrics, base_tasks, {ex["category"] for ex in load_role(data["data_dir"], "sv_fit")},
-                      load_role(data["data_dir"], "eval_harmful"))
+                      spread(load_role(data["data_dir"], "eval_harmful"), eval_cfg["max_per_role"]), eval_cfg)
         runs = run_cells(bench, pool, workers)
         result = {**summarize(cfg, runs), "dataset_md5": data["md5"], "base_model_sha256": base["model_sha256"],
                   "pool_md5": pool["md5"], "wall_s": round(time.perf_counter() - start, 1)}
@@ -245,7 +252,31 @@ def secvec_bench(config: str = "default", out_dir: str | None = None, workers: i
     return result
 
 
+@contextmanager
+def one_prefect_server(workers: int) -> Iterator[None]:
+    """With worker processes and no configured server, start one for the run: each worker would otherwise
+    start its own temporary server (one API per process, all writing the same database)."""
+    if workers == 1 or os.environ.get("PREFECT_API_URL"):
+        yield
+        return
+    from prefect.logging.handlers import APILogWorker
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    server = SubprocessASGIServer()
+    server.start()
+    os.environ["PREFECT_API_URL"] = server.api_url  # the workers inherit it
+    try:
+        with temporary_settings({PREFECT_API_URL: server.api_url}):
+            yield
+    finally:
+        APILogWorker.drain_all(timeout=5)  # the run's last logs, before their API goes
+        del os.environ["PREFECT_API_URL"]
+        server.stop()
+
+
 def run_bench(config: str = "default", out_dir: str | None = None, workers: int = 1) -> dict:
     """The bench flow with exactly `workers` processes for its cells."""
     runner = ProcessPoolTaskRunner(max_workers=workers)
-    return secvec_bench.with_options(task_runner=runner)(config=config, out_dir=out_dir, workers=workers)
+    with one_prefect_server(workers):
+        return secvec_bench.with_options(task_runner=runner)(config=config, out_dir=out_dir, workers=workers)

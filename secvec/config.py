@@ -351,7 +351,7 @@ class EvalConfig(BaseModel):
     perplexity_role: str = "eval_utility"  # its examples need an `answer`
     max_perplexity_examples: int | None = Field(500, ge=1)
     perplexity_max_length: int = Field(256, ge=8)
-    max_per_role: int | None = Field(None, ge=1)  # None: every example of each role
+    max_per_role: int | None = Field(None, ge=1)  # None: every example; else n evenly spaced over each role
     n_samples: int = Field(20, ge=0)  # replies kept per role for inspection
     progress: bool = False
 
@@ -475,6 +475,7 @@ class SweepProtocol(BaseModel):
     n: int = Field(1000, ge=1)
     p: tuple[float, ...] = (0.0, 0.05, 0.1, 0.2)
     seeds: int = Field(1, ge=1)
+    arms: tuple[Arm, ...] = ARMS
 
 
 class DurabilityProtocol(BaseModel):
@@ -515,6 +516,7 @@ class BenchConfig(BaseModel):
     durability: DurabilityProtocol | None = Field(default_factory=DurabilityProtocol)
     forgetfilter: ForgetFilterConfig = Field(default_factory=ForgetFilterConfig)
     base_task_examples: int = Field(200, ge=1)  # `align` benign chats that measure stability
+    eval: EvalConfig | None = None  # None: the pipeline's evaluation (e.g. fewer prompts for a CPU run)
     experiment: str = "secvec-bench"
 
     def cells(self) -> list[Cell]:
@@ -527,7 +529,7 @@ class BenchConfig(BaseModel):
             for p in self.sweep.p:
                 harmful = round(self.sweep.n * p)
                 cells.append(Cell(protocol="sweep", name=f"p{p:g}", harmful=harmful,
-                                  benign=self.sweep.n - harmful, seeds=self.sweep.seeds))
+                                  benign=self.sweep.n - harmful, seeds=self.sweep.seeds, arms=self.sweep.arms))
         if d := self.durability:
             for scale in d.lr_scale:
                 for epochs in d.epochs:

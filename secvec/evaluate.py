@@ -47,6 +47,14 @@ def last_user_text(messages: Sequence[dict]) -> str:
     return next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
 
 
+def spread(examples: Sequence[dict], n: int | None) -> list[dict]:
+    """n examples evenly spaced over the role (all when n is None): a cut keeps every source and category
+    in proportion, where the first n of a role built source by source would hold only the first source."""
+    if n is None or n >= len(examples):
+        return list(examples)
+    return [examples[i * len(examples) // n] for i in range(n)]
+
+
 def _rate(flags: Sequence[bool]) -> float | None:
     return sum(flags) / len(flags) if flags else None
 
@@ -104,7 +112,7 @@ def evaluate_model(model, tokenizer, data: dict[str, list[dict]], cfg: EvalConfi
     """
     judge = judge or make_judge(cfg.judge)
     refusals = refusal_judge(cfg.judge)
-    roles = {r: list(data.get(r) or [])[: cfg.max_per_role] for r in (HARMFUL, OVER_REFUSAL, UTILITY)}
+    roles = {r: spread(data.get(r) or [], cfg.max_per_role) for r in (HARMFUL, OVER_REFUSAL, UTILITY)}
     unanswerable = [ex.get("id") for ex in roles[UTILITY] if not ex.get("answer")]
     if unanswerable:
         raise ValueError(f"{UTILITY} examples need an 'answer' for exact-match utility; "

@@ -52,9 +52,10 @@ def write_cell_dir(data_dir: str, finetune_examples: list[dict], out: Path) -> d
 @task(name="make-cell-data", task_run_name="cell-data-{harmful}h-{benign}b-seed{seed}", **CACHED)
 def make_cell_data(data_dir: str, dataset_md5: str, pool_dir: str, pool_md5: str, harmful: int, benign: int,
                    seed: int, out_dir: str) -> dict:
-    """Draw a cell's fine-tuning set from the pool (seeded), never a prompt of the main held-out roles."""
+    """Draw a cell's fine-tuning set from the pool (seeded), never a prompt of the main held-out roles nor
+    one the vector was fitted on (the attack must be data the vector has not seen)."""
     out = begin(out_dir)
-    held_out = [ex for role in HELD_OUT_ROLES for ex in load_role(data_dir, role)]
+    held_out = [ex for role in (*HELD_OUT_ROLES, "sv_fit") for ex in load_role(data_dir, role)]
     examples = compose_cell(load_role(pool_dir, "finetune"), harmful, benign, seed, held_out)
     return finish(out, write_cell_dir(data_dir, examples, out / "data"))
 

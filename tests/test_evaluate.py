@@ -176,3 +176,12 @@ def test_perplexity_prefers_the_trained_answer(lm, world):
 ])
 def test_exact_answer_matching(response, answer, ok):
     assert is_correct(response, answer) is ok
+
+
+def test_spread_keeps_every_source_in_proportion():
+    from secvec.evaluate import spread
+
+    role = [{"source": "advbench"}] * 100 + [{"source": "donotanswer"}] * 100
+    cut = spread(role, 20)
+    assert len(cut) == 20 and sum(ex["source"] == "advbench" for ex in cut) == 10
+    assert spread(role, None) == role and spread(role[:5], 20) == role[:5]
