@@ -31,7 +31,7 @@ run: $(STAMP)  ## set up, then run the whole pipeline on the embedded default
 test: $(STAMP)  ## set up, then run the whole test suite
 	$(BIN)/pytest -q
 
-bench-perf: $(STAMP)  ## performance benchmarks (~10 min): JSON lines on stdout and in benchmarks/results.jsonl
+bench-perf: $(STAMP)  ## performance benchmarks (~20 min alone on 2 cores): JSON lines on stdout and in benchmarks/results.jsonl
 	$(BIN)/python benchmarks/run.py
 
 ui: $(STAMP)  ## Prefect server and MLflow UI on 127.0.0.1, over the stores `make run` writes to
