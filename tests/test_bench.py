@@ -96,7 +96,8 @@ def test_bench_config_cells():
 
 @pytest.mark.slow
 def test_quick_bench_runs_for_real_and_secvec_blocks_the_harm(tmp_path):
-    """`secvec bench --quick`: real Prefect flow, real MLflow store; the direction of the effect."""
+    """`secvec bench --quick --workers 2`: real Prefect flow with its cells in 2 processes, real MLflow store;
+    the direction of the effect."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]  # nobody listens: a temporary Prefect server, not a running `make ui`
@@ -105,7 +106,7 @@ def test_quick_bench_runs_for_real_and_secvec_blocks_the_harm(tmp_path):
            "OMP_NUM_THREADS": "1"}  # a 0.1M model gains nothing from a second thread, which stalls on a busy core
     env.pop("PREFECT_API_URL", None)
     secvec = Path(sys.executable).with_name("secvec")
-    proc = subprocess.run([str(secvec), "bench", "--quick", "--out", str(tmp_path / "out")], cwd=ROOT, env=env,
+    proc = subprocess.run([str(secvec), "bench", "--quick", "--workers", "2", "--out", str(tmp_path / "out")], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=1500, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     bench = json.loads((tmp_path / "out" / "bench.json").read_text())
@@ -120,6 +121,7 @@ def test_quick_bench_runs_for_real_and_secvec_blocks_the_harm(tmp_path):
     assert all(f.stat().st_size > 1000 for f in (tmp_path / "out").glob("*.png")) and len(
         list((tmp_path / "out").glob("*.png"))) == 2
     assert "secvec harm vs base" in proc.stdout
+    assert (proc.stdout + proc.stderr).count("Starting temporary server") == 1, "workers must share one server"
 
     import mlflow
 
