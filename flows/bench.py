@@ -236,7 +236,8 @@ def secvec_bench(config: str = "default", out_dir: str | None = None, workers: i
         base = resolve_base(pipe, data, cache, timings)
         harmful, benign = cfg.pool_sizes()
         pool_out = stage_dir(cache, "attack-pool", str(pipe.data), data["md5"], harmful, benign)
-        pool = fresh(build_attack_pool, pool_out)(str(pipe.data), data["md5"], harmful, benign, str(pool_out))
+        pool = fresh(build_attack_pool, pool_out)(str(pipe.data), data["data_dir"], data["md5"], harmful, benign,
+                                                  str(pool_out))
         eval_cfg = (cfg.eval or pipe.eval).model_dump()
         base_metrics = evaluate("base", base["model_dir"], base["model_sha256"], data["data_dir"], data["md5"],
                                 eval_cfg)

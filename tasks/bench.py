@@ -14,7 +14,15 @@ from prefect import get_run_logger, task
 from secvec import versioning
 from secvec.bench import base_task_score, compose_cell, forget_filter, forgetting_scores
 from secvec.config import FinetuneConfig, ForgetFilterConfig, load_data_config
-from secvec.data import HELD_OUT_ROLES, build_dataset, check_leakage, load_role, resolve_path
+from secvec.data import (
+    HELD_OUT_ROLES,
+    build_dataset,
+    check_leakage,
+    load_role,
+    normalize_prompt,
+    prompt_text,
+    resolve_path,
+)
 from secvec.guarded import finetune
 from secvec.models import load_causal_lm
 from tasks.common import CACHED, begin, finish
@@ -22,16 +30,36 @@ from tasks.common import CACHED, begin, finish
 CELL_ROLES = ("sv_val", "eval_harmful", "eval_over_refusal", "eval_utility")
 
 
+# Prompts no attack cell may train on: every held-out role, and the vector's own fitting samples.
+EXCLUDED_ROLES = (*HELD_OUT_ROLES, "sv_fit")
+
+
+def excluded_examples(data_dir: str) -> list[dict]:
+    return [ex for role in EXCLUDED_ROLES for ex in load_role(data_dir, role)]
+
+
 @task(name="build-attack-pool", **CACHED)
-def build_attack_pool(data_config: str, dataset_md5: str, harmful: int, benign: int, out_dir: str) -> dict:
-    """The pipeline's data config rebuilt with `harmful` + `benign` fine-tuning examples: the pool cells draw from."""
+def build_attack_pool(data_config: str, data_dir: str, dataset_md5: str, harmful: int, benign: int,
+                      out_dir: str) -> dict:
+    """The pipeline's data config rebuilt with a fine-tuning role large enough that `harmful` + `benign`
+    examples remain once the main dataset's excluded prompts are set aside (a public build draws its vector
+    and attack samples from one shuffled pool, so a bigger attack overlaps the main `sv_fit`)."""
     config = load_data_config(resolve_path(data_config))
-    n = harmful + benign
-    config = config.model_copy(update={"n": n, "p": harmful / n})
+    excluded = {normalize_prompt(prompt_text(ex)) for ex in excluded_examples(data_dir)}
     out = begin(out_dir)
-    manifest = build_dataset(config, out / "data")
-    get_run_logger().info("attack pool: %s", manifest.counts)
-    return finish(out, {"pool_dir": str(out / "data"), "md5": versioning.dataset_md5(out / "data")})
+    want = {True: harmful, False: benign}
+    for _ in range(4):
+        n = want[True] + want[False]
+        manifest = build_dataset(config.model_copy(update={"n": n, "p": want[True] / n}), out / "data")
+        usable = [ex for ex in load_role(out / "data", "finetune") if normalize_prompt(prompt_text(ex)) not in excluded]
+        short = {kind: need - sum(ex["is_harmful"] == kind for ex in usable)
+                 for kind, need in ((True, harmful), (False, benign))}
+        if max(short.values()) <= 0:
+            get_run_logger().info("attack pool: %s", manifest.counts)
+            return finish(out, {"pool_dir": str(out / "data"), "md5": versioning.dataset_md5(out / "data")})
+        want = {kind: want[kind] + max(gap, 0) for kind, gap in short.items()}
+    raise ValueError(f"{data_config}: cannot build an attack pool with {harmful} harmful and {benign} benign "
+                     "examples outside the held-out and vector roles")
 
 
 def _write_jsonl(path: Path, examples: list[dict]) -> None:
@@ -55,8 +83,7 @@ def make_cell_data(data_dir: str, dataset_md5: str, pool_dir: str, pool_md5: str
     """Draw a cell's fine-tuning set from the pool (seeded), never a prompt of the main held-out roles nor
     one the vector was fitted on (the attack must be data the vector has not seen)."""
     out = begin(out_dir)
-    held_out = [ex for role in (*HELD_OUT_ROLES, "sv_fit") for ex in load_role(data_dir, role)]
-    examples = compose_cell(load_role(pool_dir, "finetune"), harmful, benign, seed, held_out)
+    examples = compose_cell(load_role(pool_dir, "finetune"), harmful, benign, seed, excluded_examples(data_dir))
     return finish(out, write_cell_dir(data_dir, examples, out / "data"))
 
 
