@@ -417,6 +417,16 @@ class PipelineConfig(BaseModel):
     experiment: str = "secvec"
 
 
+def preset_path(name_or_path: str | Path, folder: Path) -> Path:
+    """A YAML file (from here or the project root), or the preset of that name in `folder`."""
+    path = Path(name_or_path)
+    path = resolve_path(path) if path.suffix in (".yaml", ".yml") else folder / f"{name_or_path}.yaml"
+    if not path.is_file():
+        presets = ", ".join(sorted(p.stem for p in folder.glob("*.yaml")))
+        raise ConfigError(f"{path}: no such config file (presets: {presets})")
+    return path
+
+
 def load_pipeline_config(name_or_path: str | Path) -> PipelineConfig:
     """Load a preset (`default`, `micro`, `public`) or a pipeline YAML; paths in it resolve from the project.
 
@@ -424,11 +434,7 @@ def load_pipeline_config(name_or_path: str | Path) -> PipelineConfig:
         ConfigError: no such file, a field that does not validate, or a path that escapes the project
             (file, line and field named).
     """
-    path = Path(name_or_path)
-    path = resolve_path(path) if path.suffix in (".yaml", ".yml") else PRESETS_DIR / f"{name_or_path}.yaml"
-    if not path.is_file():
-        presets = ", ".join(sorted(p.stem for p in PRESETS_DIR.glob("*.yaml")))
-        raise ConfigError(f"{path}: no such config file (presets: {presets})")
+    path = preset_path(name_or_path, PRESETS_DIR)
     cfg, node = _load(path, PipelineConfig)
     # `data_dir` is rebuilt and replaced by every run: it must stay inside the project whatever the flag says.
     paths = {k: check_path(v, path, node, (k,), output=k == "data_dir", allow_outside=cfg.allow_outside_project)
@@ -548,9 +554,4 @@ class BenchConfig(BaseModel):
 
 def load_bench_config(name_or_path: str | Path) -> BenchConfig:
     """A bench preset (configs/bench/NAME.yaml) or a bench YAML file."""
-    path = Path(name_or_path)
-    path = resolve_path(path) if path.suffix in (".yaml", ".yml") else PRESETS_DIR / "bench" / f"{name_or_path}.yaml"
-    if not path.is_file():
-        presets = ", ".join(sorted(p.stem for p in (PRESETS_DIR / "bench").glob("*.yaml")))
-        raise ConfigError(f"{path}: no such bench config (presets: {presets})")
-    return load_yaml_config(path, BenchConfig)
+    return load_yaml_config(preset_path(name_or_path, PRESETS_DIR / "bench"), BenchConfig)
