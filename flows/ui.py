@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -42,9 +43,12 @@ def server_commands(root: Path = PROJECT_ROOT) -> dict[str, list[str]]:
 
 
 def run_uis() -> None:
-    """Start both servers, print their URLs, and keep them up until Ctrl-C."""
+    """Start both servers, print their URLs, and keep them up until Ctrl-C or SIGTERM; both stop with it."""
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
-    procs = {name: subprocess.Popen(cmd, env=env, cwd=PROJECT_ROOT) for name, cmd in server_commands().items()}
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # run the cleanup below, as Ctrl-C does
+    # Each server in its own process group: stopping it must also stop the workers it spawns.
+    procs = {name: subprocess.Popen(cmd, env=env, cwd=PROJECT_ROOT, start_new_session=True)
+             for name, cmd in server_commands().items()}
     try:
         wait_healthy(f"http://{HOST}:{PREFECT_PORT}/api/health", procs["prefect"])
         wait_healthy(f"http://{HOST}:{MLFLOW_PORT}/health", procs["mlflow"])
@@ -56,6 +60,9 @@ def run_uis() -> None:
         pass
     finally:
         for proc in procs.values():
-            proc.terminate()
+            os.killpg(proc.pid, signal.SIGTERM)
         for proc in procs.values():
-            proc.wait(timeout=30)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)

@@ -84,3 +84,5 @@ def test_ui_servers_and_scheduled_deployment(tmp_path):
         if serve:
             _stop(serve)
         _stop(ui)
+    # Stopping `secvec ui` stops both servers and their workers: nothing keeps listening.
+    _wait(lambda: not _listen_addresses(prefect_port) and not _listen_addresses(mlflow_port), 60, "ports released")
