@@ -132,7 +132,7 @@ def run_cell(bench: Bench, cell: Cell, seed: int, pool: dict) -> list[dict]:
             ft = bench.finetune(kept, cfgs["full"], None)
             metrics, tasks = bench.score(label, ft["model_dir"], ft["model_sha256"], data)
             extra["filter"] = kept["stats"]
-        runs[arm] = {"cell": cell.name, "protocol": cell.protocol, "seed": seed, "arm": arm,
+        runs[arm] = {"seed": seed, "arm": arm,
                      **{k: metrics.get(k) for k in MODEL_METRICS}, "base_tasks": tasks,
                      "unseen_harmful_rate": unseen_rate(metrics, bench.eval_harmful, bench.seen_categories),
                      **extra}
