@@ -164,7 +164,8 @@ def run_cells(bench: Bench, pool: dict, workers: int) -> list[dict]:
     jobs: dict[tuple, list[Cell]] = {}
     for cell in bench.cfg.cells():
         for seed in range(cell.seeds):
-            jobs.setdefault((cell.harmful, cell.benign, cell.lr_scale, cell.epochs, seed), []).append(cell)
+            epochs = finetune_configs(bench, cell, seed)["full"]["train"]["epochs"]  # None and 1.0 may be equal
+            jobs.setdefault((cell.harmful, cell.benign, cell.lr_scale, epochs, seed), []).append(cell)
     todo = {key: cells[0].model_copy(update={"arms": tuple(a for a in ARMS if any(a in c.arms for c in cells))})
             for key, cells in jobs.items()}
     if workers > 1:
