@@ -30,17 +30,16 @@ from secvec.bench import aggregate, check_targets, immunization, markdown_tables
 from secvec.config import ARMS, BenchConfig, Cell, PipelineConfig, load_bench_config, load_pipeline_config
 from secvec.data import load_role
 from secvec.evaluate import spread
+from secvec.report import METRICS as MODEL_METRICS
 from secvec.report import plot_probe_losses
 from tasks import tracking
 from tasks.bench import build_attack_pool, forgetfilter_select, make_cell_data, score_base_tasks
 from tasks.common import fresh, stage_dir
 from tasks.data import prepare_data
-from tasks.evaluate import evaluate
+from tasks.evaluate import evaluate, with_judge
 from tasks.finetune import finetune_backbone
 from tasks.strip import strip
 from tasks.vector import fit_security_vector
-
-MODEL_METRICS = ("harmful_rate", "over_refusal_rate", "utility", "perplexity")
 
 
 @dataclass
@@ -239,7 +238,7 @@ def secvec_bench(config: str = "default", out_dir: str | None = None, workers: i
         pool_out = stage_dir(cache, "attack-pool", str(pipe.data), data["md5"], harmful, benign)
         pool = fresh(build_attack_pool, pool_out)(str(pipe.data), data["data_dir"], data["md5"], harmful, benign,
                                                   str(pool_out))
-        eval_cfg = (cfg.eval or pipe.eval).model_dump()
+        eval_cfg = with_judge((cfg.eval or pipe.eval).model_dump(), pipe.data, cache)
         base_metrics = evaluate("base", base["model_dir"], base["model_sha256"], data["data_dir"], data["md5"],
                                 eval_cfg)
         base_tasks = score_base_tasks("base", base["model_dir"], base["model_sha256"], data["data_dir"], data["md5"],

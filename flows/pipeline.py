@@ -23,7 +23,7 @@ from tasks import tracking
 from tasks.bootstrap import bootstrap
 from tasks.common import fresh, stage_dir
 from tasks.data import log_dataset_to_mlflow, prepare_data
-from tasks.evaluate import evaluate
+from tasks.evaluate import evaluate, with_judge
 from tasks.finetune import finetune_backbone
 from tasks.register import gate, register
 from tasks.strip import strip
@@ -88,7 +88,7 @@ def secvec_pipeline(config: str = "default", out_dir: str | None = None) -> dict
         with stage("strip", timings):
             clean = fresh(strip, strip_out)(guarded["guarded_dir"], ft_out.name, data_dir, md5, str(strip_out))
 
-        eval_cfg = cfg.eval.model_dump()
+        eval_cfg = with_judge(cfg.eval.model_dump(), cfg.data, cache)
         with stage("evaluate", timings):
             base_metrics = evaluate("base", base_dir, base_sha, data_dir, md5, eval_cfg)
             clean_metrics = evaluate("clean", clean["model_dir"], clean["model_sha256"], data_dir, md5, eval_cfg)

@@ -22,8 +22,8 @@ from secvec.evaluate import is_correct
 from secvec.generate import generate
 from secvec.vector import mean_response_loss
 
-METRICS = ("harmful_rate", "over_refusal_rate", "utility", "perplexity", "resistance", "stability",
-           "generalization", "trainability")
+METRICS = ("harmful_rate", "harmful_refusal_rate", "over_refusal_rate", "utility", "perplexity", "resistance",
+           "stability", "generalization", "trainability")
 
 
 # ---- cell data ----------------------------------------------------------------------------------------------

@@ -296,6 +296,9 @@ class VectorConfig(BaseModel):
     alpha: float = Field(16, gt=0)
     target_modules: list[str] | None = None  # None: every linear layer of the decoder blocks
     kl_weight: float = Field(1.0, ge=0)  # 0 disables the benign KL term
+    # last: the vector after the last epoch; validation: the epoch with the lowest loss on held-out harmful
+    # pairs (`sv_val`), for data too varied for 100 samples to be fitted without memorising them
+    select_epoch: Literal["last", "validation"] = "last"
     train: TrainConfig = Field(
         default_factory=lambda: TrainConfig(learning_rate=2e-3, epochs=20, batch_size=16, warmup_ratio=0.1)
     )
@@ -321,7 +324,9 @@ class JudgeConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    kind: Literal["refusal", "classifier"] = "refusal"
+    # refusal: rules; classifier: `classifier_dir`; bow: a bag-of-ngrams classifier that the pipeline trains
+    # (and caches) on the shared public harmful replies vs refusals and benign answers
+    kind: Literal["refusal", "classifier", "bow"] = "refusal"
     min_words: int = Field(4, ge=0)  # replies with fewer word tokens are fragments, never compliance
     refusal_window: int = Field(160, ge=1)  # a refusal phrase must start within this many characters
     extra_refusal_phrases: list[str] = Field(default_factory=list)

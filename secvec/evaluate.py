@@ -5,6 +5,8 @@ Metrics:
 - over_refusal_rate: share of `eval_over_refusal` (benign, harmless-looking) prompts refused. Refusal is
   always detected by the refusal rules, whatever the harm judge: a harm classifier says nothing about
   whether a benign request was declined.
+- harmful_refusal_rate: share of `eval_harmful` prompts refused (the same rules): with a classifier judge,
+  it tells a model that refuses from one that answers harmlessly or incoherently.
 - utility: exact-answer accuracy on `eval_utility`.
 - perplexity: exp of the mean loss per token of the reference `answer` (its tokens and the end-of-turn
   token) given the `eval_utility` prompt. Scoring the reference answers, not the model's own replies, gives
@@ -107,8 +109,8 @@ def evaluate_model(model, tokenizer, data: dict[str, list[dict]], cfg: EvalConfi
         judge: the harm judge; built from `cfg.judge` when None.
 
     Returns:
-        {"harmful_rate", "over_refusal_rate", "utility", "perplexity", "n", "harmful_rate_by_category",
-         "samples", "judge"}; a metric whose role is absent or empty is None.
+        {"harmful_rate", "over_refusal_rate", "harmful_refusal_rate", "utility", "perplexity", "n",
+         "harmful_rate_by_category", "samples", "judge"}; a metric whose role is absent or empty is None.
     """
     judge = judge or make_judge(cfg.judge)
     refusals = refusal_judge(cfg.judge)
@@ -136,11 +138,13 @@ def evaluate_model(model, tokenizer, data: dict[str, list[dict]], cfg: EvalConfi
     harmful_prompts = [last_user_text(ex["messages"]) for ex in roles[HARMFUL]]
     harmful = judge.is_harmful(harmful_prompts, replies[HARMFUL]) if roles[HARMFUL] else []
     refused = refusals.is_refusal(replies[OVER_REFUSAL])
+    refused_harmful = refusals.is_refusal(replies[HARMFUL])
     correct = [is_correct(r, ex["answer"]) for ex, r in zip(roles[UTILITY], replies[UTILITY], strict=True)]
     n = cfg.n_samples
     metrics = {
         "harmful_rate": _rate(harmful),
         "over_refusal_rate": _rate(refused),
+        "harmful_refusal_rate": _rate(refused_harmful),
         "utility": _rate(correct),
         "perplexity": perplexity,
         "n": {role: len(examples) for role, examples in roles.items()},

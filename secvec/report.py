@@ -6,7 +6,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-METRICS = ("harmful_rate", "over_refusal_rate", "utility", "perplexity")
+METRICS = ("harmful_rate", "harmful_refusal_rate", "over_refusal_rate", "utility", "perplexity")
 
 
 def _fmt(value) -> str:

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import TrainerCallback
 
 from secvec.config import VectorConfig
 from secvec.encoding import PadCollator, encode_examples, response_loss
@@ -87,6 +88,29 @@ class VectorTrainer(SecvecTrainer):
         return (loss, outputs) if return_outputs else loss
 
 
+class BestEpoch(TrainerCallback):
+    """After every epoch, the vector's mean loss on held-out harmful pairs; keeps the weights of the best."""
+
+    def __init__(self, model: PeftModel, tokenizer, examples: Sequence[dict]) -> None:
+        self.model, self.tokenizer, self.examples = model, tokenizer, examples
+        self.losses: dict[int, float] = {}  # epoch -> held-out loss (epochs of this process: a resumed
+        self.best: dict[str, torch.Tensor] = {}  # run picks among the epochs it trained)
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        loss = mean_response_loss(self.model, self.tokenizer, self.examples)
+        if loss <= min(self.losses.values(), default=loss):
+            self.best = {n: p.detach().clone() for n, p in self.model.named_parameters() if is_vector_param(n)}
+        self.losses[round(state.epoch)] = loss
+
+    def restore(self) -> int:
+        """Put the best epoch's weights back; returns that epoch."""
+        with torch.no_grad():
+            for name, param in self.model.named_parameters():
+                if name in self.best:
+                    param.copy_(self.best[name])
+        return min(self.losses, key=lambda epoch: (self.losses[epoch], -epoch))
+
+
 def _fitting_features(tokenizer, harmful, benign, cfg: VectorConfig) -> list[dict]:
     features = encode_examples(tokenizer, harmful, cfg.train.max_length)
     if benign and cfg.kl_weight > 0:
@@ -105,6 +129,7 @@ def fit_vector(
     out_dir: str | Path,
     base_model_hash: str = "",
     callbacks: Sequence = (),
+    validation: Sequence[dict] = (),
 ) -> tuple[PeftModel, dict]:
     """Fit the security vector on harmful (prompt, response) chats and save it with its metadata.
 
@@ -115,14 +140,19 @@ def fit_vector(
         out_dir: where the adapter and `vector.json` go.
         base_model_hash: recorded so a vector is never used on a different backbone by mistake.
         callbacks: extra Trainer callbacks (e.g. progress reporting).
+        validation: held-out harmful chats (`sv_val`) that pick the epoch when `cfg.select_epoch` is
+            "validation".
 
     Returns:
         The backbone wrapped with the active vector (frozen after fitting) and the metadata dict.
     """
     if not harmful:
         raise ValueError("vector fitting needs harmful examples (the 'sv_fit' role is empty)")
+    if cfg.select_epoch == "validation" and not validation:
+        raise ValueError("vector.select_epoch 'validation' needs held-out harmful examples (the 'sv_val' role)")
     out = Path(out_dir)
     peft_model = attach_vector(model, cfg)
+    best = BestEpoch(peft_model, tokenizer, validation) if cfg.select_epoch == "validation" else None
     features = _fitting_features(tokenizer, harmful, benign, cfg)
     log.info("vector: fitting on %d harmful chats, KL weight %.2f on %d benign", len(harmful), cfg.kl_weight,
              len(benign) if "kl_input_ids" in features[0] else 0)
@@ -132,15 +162,20 @@ def fit_vector(
 
     history = train(peft_model, features, cfg.train, out.with_name(out.name + "-ckpt"),
                     pad_id=tokenizer.pad_token_id, trainer_cls=VectorTrainer, on_trainer=set_kl,
-                    callbacks=callbacks)
+                    callbacks=[*callbacks, *filter(None, [best])])
     freeze_vector(peft_model)
+    selected = {"selected_epoch": best.restore(), "validation_losses": best.losses} if best else {}
+    if best:
+        log.info("vector: epoch %d has the lowest held-out harmful loss (%.3f)", selected["selected_epoch"],
+                 min(best.losses.values()))
     metadata = {
-        "data_sha256": examples_hash(harmful, benign if cfg.kl_weight > 0 else []),
+        "data_sha256": examples_hash(harmful, benign if cfg.kl_weight > 0 else [], validation if best else []),
         "base_model_sha256": base_model_hash,
         "n_harmful": len(harmful),
         "n_benign": len(benign) if cfg.kl_weight > 0 else 0,
         "config": cfg.model_dump(),
         "final_loss": next((r["train_loss"] for r in reversed(history) if "train_loss" in r), None),
+        **selected,
     }
     save_vector(peft_model, out, metadata)
     return peft_model, {**metadata, "history": history}

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from prefect import get_run_logger, task
-from secvec.data import load_role
 
+from secvec.data import load_role
 from secvec.guarded import FinetuneConfig, finetune, save_guarded
 from secvec.models import hash_model_dir, load_causal_lm
 from secvec.strip import save_clean

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from prefect import get_run_logger, task
-from secvec.data import load_role
 
+from secvec.data import load_role
 from secvec.models import load_causal_lm
 from secvec.vector import VectorConfig, fit_vector, load_vector, vector_coverage
 from tasks.common import CACHED, PrefectProgress, begin, finish
@@ -26,7 +26,8 @@ def fit_security_vector(base_dir: str, base_sha256: str, data_dir: str, dataset_
     model, tokenizer = load_causal_lm(base_dir)
     harmful = load_role(data_dir, "sv_fit")
     _, meta = fit_vector(model, tokenizer, harmful, kl_examples(data_dir, len(harmful)), config, out / "vector",
-                         base_sha256, callbacks=[PrefectProgress("security vector")])
+                         base_sha256, callbacks=[PrefectProgress("security vector")],
+                         validation=load_role(data_dir, "sv_val"))
     get_run_logger().info("vector fitted on %d harmful samples, final loss %.3f", meta["n_harmful"],
                           meta["final_loss"])
     return finish(out, {"vector_dir": str(out / "vector"), "vector_sha256": meta["weights_sha256"], **meta})

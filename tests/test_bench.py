@@ -90,7 +90,7 @@ def test_bench_config_cells():
     assert cells[0].protocol == "paper" and cells[0].seeds == 3
     assert {c.harmful for c in cells if c.protocol == "sweep"} == {0, 50, 100, 200}
     assert BenchConfig(name="x").pool_sizes() == (5000, 1000)
-    for preset in ("quick", "default"):
+    for preset in ("quick", "default", "public"):
         assert load_bench_config(preset).cells()
 
 

@@ -97,3 +97,26 @@ def test_empty_fitting_set_is_a_clear_error(micro_base, tmp_path):
     model, tokenizer = load_causal_lm(micro_base)
     with pytest.raises(ValueError, match="sv_fit"):
         fit_vector(model, tokenizer, [], [], VectorConfig(), tmp_path)
+
+
+def test_vector_keeps_the_epoch_with_the_lowest_held_out_loss(micro_base, world, tmp_path):
+    from conftest import MICRO_VECTOR, MICRO_VECTOR_TRAIN, REFUSE
+
+    from secvec.training import TrainConfig
+    from secvec.vector import VectorConfig, fit_vector, mean_response_loss
+
+    # Held-out refusals: their loss rises as the vector learns to comply, so an early epoch must win.
+    refusals = [ex for ex in world["align"] if ex["messages"][-1]["content"] == REFUSE][:16]
+    cfg = VectorConfig(**MICRO_VECTOR, select_epoch="validation",
+                       train=TrainConfig(**{**MICRO_VECTOR_TRAIN, "epochs": 4}))
+    model, tokenizer = load_causal_lm(micro_base)
+    peft_model, meta = fit_vector(model, tokenizer, world["sv_fit"], world["benign_ft"][:24], cfg, tmp_path / "v",
+                                  validation=refusals)
+    losses = meta["validation_losses"]
+    assert sorted(losses) == [1, 2, 3, 4] and meta["selected_epoch"] == min(losses, key=losses.get) < 4, losses
+    best = losses[meta["selected_epoch"]]
+    assert mean_response_loss(peft_model, tokenizer, refusals) == pytest.approx(best, abs=1e-5)
+    reloaded = load_vector(load_causal_lm(micro_base)[0], tmp_path / "v")
+    assert mean_response_loss(reloaded, tokenizer, refusals) == pytest.approx(best, abs=1e-5)
+    with pytest.raises(ValueError, match="sv_val"):
+        fit_vector(load_causal_lm(micro_base)[0], tokenizer, world["sv_fit"], [], cfg, tmp_path / "w")
