@@ -162,10 +162,11 @@ def fit_vector(
 
     history = train(peft_model, features, cfg.train, out.with_name(out.name + "-ckpt"),
                     pad_id=tokenizer.pad_token_id, trainer_cls=VectorTrainer, on_trainer=set_kl,
-                    callbacks=[*callbacks, *filter(None, [best])])
+                    callbacks=[*callbacks, best] if best else callbacks)
     freeze_vector(peft_model)
-    selected = {"selected_epoch": best.restore(), "validation_losses": best.losses} if best else {}
+    selected = {}
     if best:
+        selected = {"selected_epoch": best.restore(), "validation_losses": best.losses}
         log.info("vector: epoch %d has the lowest held-out harmful loss (%.3f)", selected["selected_epoch"],
                  min(best.losses.values()))
     metadata = {

@@ -11,7 +11,7 @@ import yaml
 pytestmark = pytest.mark.slow
 
 REPORT_KEYS = {"dataset_md5", "base", "clean", "gate", "registered", "strip_check", "vector_coverage", "timings_s"}
-METRIC_KEYS = {"harmful_rate", "over_refusal_rate", "utility", "perplexity"}
+METRIC_KEYS = {"harmful_rate", "harmful_refusal_rate", "over_refusal_rate", "utility", "perplexity"}
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +79,7 @@ def test_passing_run_registered_one_version_with_lineage(first_run):
 
 
 def test_failing_gate_registers_nothing_and_reuses_cached_stages(first_run, pipeline_env):
+    """Also: this run's harm judge is `bow`, trained inside the flow on the shared public replies."""
     import mlflow
 
     from flows.pipeline import secvec_pipeline
@@ -87,6 +88,7 @@ def test_failing_gate_registers_nothing_and_reuses_cached_stages(first_run, pipe
     micro["data"] = str(Path(__file__).parents[1] / micro["data"])
     micro["gate"]["max_vector_loss_ratio"] = 1e-9  # no vector covers this well: the gate must fail
     micro["registry"]["name"] = "secvec-micro-rejected"
+    micro["eval"]["judge"] = {"kind": "bow"}
     path = pipeline_env / "strict.yaml"
     path.write_text(yaml.safe_dump(micro))
 
@@ -102,3 +104,5 @@ def test_failing_gate_registers_nothing_and_reuses_cached_stages(first_run, pipe
     for name in ("bootstrap-base", "fit-security-vector", "finetune", "strip-vector"):
         matching = [s for n, s in states.items() if n.startswith(name)]
         assert matching and all(s == "Cached" for s in matching), (name, states)
+    assert [s for n, s in states.items() if n.startswith("train-judge")] == ["Completed"], states
+    assert report["clean"]["judge"].startswith("bow:") and report["base"]["judge"] == report["clean"]["judge"]
