@@ -50,8 +50,11 @@ def compose_cell(pool: Sequence[dict], harmful: int, benign: int, seed: int,
 
 # ---- ForgetFilter (Zhao et al. 2023) ------------------------------------------------------------------------
 
+_WORD = re.compile(r"\w+")
+
+
 def _unigrams(text: str) -> Counter:
-    return Counter(re.findall(r"\w+", text.casefold()))
+    return Counter(_WORD.findall(text.casefold()))
 
 
 def rouge1(candidate: str, reference: str) -> float:
@@ -78,7 +81,16 @@ def forgetting_scores(model_before, model_after, tokenizer, examples: Sequence[d
     with torch.no_grad():
         before = generate(model_before, tokenizer, prompts, max_new_tokens, batch_size)
         after = generate(model_after, tokenizer, prompts, max_new_tokens, batch_size)
-    refs = [response_text(ex) for ex in examples]
+    return forgetting(before, after, [response_text(ex) for ex in examples], max_new_tokens)
+
+
+def forgetting(before: Sequence[str], after: Sequence[str], responses: Sequence[str], max_words: int) -> list[float]:
+    """ROUGE-1 of each reply to its response's first `max_words` words, before minus after.
+
+    A reply of at most `max_words` tokens cannot match more: against a long response, recall alone would keep
+    every score near 0.
+    """
+    refs = [" ".join(_WORD.findall(r)[:max_words]) for r in responses]
     return [rouge1(b, r) - rouge1(a, r) for b, a, r in zip(before, after, refs, strict=True)]
 
 

@@ -16,6 +16,7 @@ from secvec.bench import (
     check_targets,
     compose_cell,
     forget_filter,
+    forgetting,
     immunization,
     rouge1,
     unseen_rate,
@@ -42,6 +43,14 @@ def test_compose_cell_counts_seeds_and_held_out_prompts():
     assert all("thing 0?" not in ex["messages"][0]["content"] for ex in compose_cell(pool, 19, 0, 0, held))
     with pytest.raises(ValueError, match="holds 19 harmful"):
         compose_cell(pool, 20, 0, 0, held)
+
+
+def test_forgetting_compares_replies_with_as_much_of_the_response_as_they_can_hold():
+    response = "sure you could take the car keys while nobody looks " * 10  # 100 words
+    before, after = "sure you could take the car keys while nobody looks", "i'm sorry, i cannot help with that"
+    assert forgetting([before], [after], [response], max_words=10) == [pytest.approx(1.0)]
+    assert forgetting([before], [after], [response], max_words=100)[0] < 0.2  # full response: recall caps it
+    assert forgetting(["positive"], ["positive"], ["positive"], max_words=16) == [0.0]
 
 
 def test_rouge1_and_forget_filter():
