@@ -58,6 +58,7 @@ class Bench:
     seen_categories: set[str]
     eval_harmful: list[dict]
     eval_cfg: dict
+    protocols: tuple[str, ...] | None = None  # None: all of the config's
 
     def score(self, label: str, model_dir: str, sha: str, cell: dict) -> tuple[dict, dict]:
         metrics = evaluate(label, model_dir, sha, cell["data_dir"], cell["md5"], self.eval_cfg)
@@ -161,7 +162,7 @@ def run_cells(bench: Bench, pool: dict, workers: int) -> list[dict]:
     Stages that cells share (the vector of each seed) are computed first, so no two processes write one.
     """
     jobs: dict[tuple, list[Cell]] = {}
-    for cell in bench.cfg.cells():
+    for cell in bench.cfg.cells(bench.protocols):
         for seed in range(cell.seeds):
             epochs = finetune_configs(bench, cell, seed)["full"]["train"]["epochs"]  # None and 1.0 may be equal
             jobs.setdefault((cell.harmful, cell.benign, cell.lr_scale, epochs, seed), []).append(cell)
@@ -179,9 +180,10 @@ def run_cells(bench: Bench, pool: dict, workers: int) -> list[dict]:
             for key, cells in jobs.items() for cell in cells for record in results[key] if record["arm"] in cell.arms]
 
 
-def summarize(cfg: BenchConfig, runs: list[dict]) -> dict:
+def summarize(cfg: BenchConfig, runs: list[dict], protocols: tuple[str, ...] | None = None) -> dict:
     """bench.json: arms -> cell -> metric -> {mean, std, n}, plus cells, targets and the raw runs."""
-    cells = {c.name: {**c.model_dump(exclude={"name"}), "epochs": c.epochs or cfg.epochs} for c in cfg.cells()}
+    cells = {c.name: {**c.model_dump(exclude={"name"}), "epochs": c.epochs or cfg.epochs}
+             for c in cfg.cells(protocols)}
     arms: dict[str, dict] = {}
     for arm in dict.fromkeys(r["arm"] for r in runs):
         arms[arm] = {name: aggregate([r for r in runs if r["arm"] == arm and r["cell"] == name])
@@ -220,12 +222,15 @@ def publish(bench: dict, runs: list[dict], out: Path) -> None:
 
 
 @flow(name="secvec-bench", task_runner=ProcessPoolTaskRunner())  # only `cell_task.submit` uses it
-def secvec_bench(config: str = "default", out_dir: str | None = None, workers: int = 1) -> dict:
-    """Run a bench preset (configs/bench/) or bench YAML; returns bench.json's content.
+def secvec_bench(config: str = "default", out_dir: str | None = None, workers: int = 1,
+                 protocols: tuple[str, ...] | None = None) -> dict:
+    """Run a bench preset (configs/bench/) or bench YAML, all its protocols or only `protocols`; returns
+    bench.json's content.
 
     workers > 1 runs cells in that many processes: give each a core (torch threads = cores / workers).
     """
     cfg = load_bench_config(config)
+    cfg.cells(protocols)  # an unknown protocol fails here, before any work
     pipe = load_pipeline_config(cfg.pipeline)
     out = Path(out_dir) if out_dir else PROJECT_ROOT / "outputs" / "bench" / cfg.name
     cache = Path(os.environ.get("SECVEC_CACHE", PROJECT_ROOT / ".cache"))
@@ -245,9 +250,10 @@ def secvec_bench(config: str = "default", out_dir: str | None = None, workers: i
                                       cfg.base_task_examples)
         bench = Bench(cfg, pipe, cache, data["data_dir"], data["md5"], base["model_dir"], base["model_sha256"],
                       base_metrics, base_tasks, {ex["category"] for ex in load_role(data["data_dir"], "sv_fit")},
-                      spread(load_role(data["data_dir"], "eval_harmful"), eval_cfg["max_per_role"]), eval_cfg)
+                      spread(load_role(data["data_dir"], "eval_harmful"), eval_cfg["max_per_role"]), eval_cfg,
+                      protocols)
         runs = run_cells(bench, pool, workers)
-        result = {**summarize(cfg, runs), "dataset_md5": data["md5"], "base_model_sha256": base["model_sha256"],
+        result = {**summarize(cfg, runs, protocols), "dataset_md5": data["md5"], "base_model_sha256": base["model_sha256"],
                   "pool_md5": pool["md5"], "wall_s": round(time.perf_counter() - start, 1)}
         publish(result, runs, out)
     return result
@@ -276,8 +282,10 @@ def one_prefect_server(workers: int) -> Iterator[None]:
         server.stop()
 
 
-def run_bench(config: str = "default", out_dir: str | None = None, workers: int = 1) -> dict:
+def run_bench(config: str = "default", out_dir: str | None = None, workers: int = 1,
+              protocols: tuple[str, ...] | None = None) -> dict:
     """The bench flow with exactly `workers` processes for its cells."""
     runner = ProcessPoolTaskRunner(max_workers=workers)
     with one_prefect_server(workers):
-        return secvec_bench.with_options(task_runner=runner)(config=config, out_dir=out_dir, workers=workers)
+        return secvec_bench.with_options(task_runner=runner)(config=config, out_dir=out_dir, workers=workers,
+                                                             protocols=protocols)

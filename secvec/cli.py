@@ -89,6 +89,9 @@ def bench(
                                              "in minutes.")] = False,
     workers: Annotated[int, typer.Option(min=1, help="Run cells in this many processes (Prefect "
                                                      "ProcessPoolTaskRunner); give each its own core.")] = 1,
+    protocol: Annotated[list[str] | None, typer.Option(help="Run only this protocol (paper, sweep, durability; "
+                                                           "repeatable); the cells are the same as in a full "
+                                                           "run.")] = None,
 ) -> None:
     """Effectiveness benchmark: base, plain, secvec, secvec_lora and ForgetFilter on each protocol cell."""
     _configure()
@@ -96,7 +99,7 @@ def bench(
 
     try:
         result = run_bench(config="quick" if quick else config, out_dir=str(out) if out else None,
-                           workers=workers)
+                           workers=workers, protocols=tuple(protocol) if protocol else None)
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -451,6 +452,7 @@ def load_pipeline_config(name_or_path: str | Path) -> PipelineConfig:
 
 ARMS = ("base", "plain", "secvec", "secvec_lora", "forgetfilter")
 Arm = Literal["base", "plain", "secvec", "secvec_lora", "forgetfilter"]
+PROTOCOLS = ("paper", "sweep", "durability")
 
 
 class Cell(BaseModel):
@@ -530,8 +532,10 @@ class BenchConfig(BaseModel):
     eval: EvalConfig | None = None  # None: the pipeline's evaluation (e.g. fewer prompts for a CPU run)
     experiment: str = "secvec-bench"
 
-    def cells(self) -> list[Cell]:
-        """Every protocol cell, in run order (headline first)."""
+    def cells(self, protocols: Collection[str] | None = None) -> list[Cell]:
+        """Every cell of the protocols (default: all), in run order (headline first)."""
+        if unknown := set(protocols or ()) - set(PROTOCOLS):
+            raise ValueError(f"unknown protocol(s) {sorted(unknown)}; choose from {list(PROTOCOLS)}")
         cells = []
         if self.paper:
             cells.append(Cell(protocol="paper", name=f"h{self.paper.harmful}-b{self.paper.benign}",
@@ -549,10 +553,11 @@ class BenchConfig(BaseModel):
             if d.max_harmful:
                 cells.append(Cell(protocol="durability", name=f"h{d.max_harmful}-ep{min(d.epochs):g}",
                                   harmful=d.max_harmful, benign=d.benign, epochs=min(d.epochs), arms=d.arms))
-        return cells
+        return [c for c in cells if not protocols or c.protocol in protocols]
 
     def pool_sizes(self) -> tuple[int, int]:
-        """(harmful, benign) the attack pool must hold for every cell."""
+        """(harmful, benign) the attack pool must hold for every cell (of all protocols, so that running some
+        of them draws the same cells as running all)."""
         cells = self.cells()
         return max((c.harmful for c in cells), default=0), max((c.benign for c in cells), default=0)
 

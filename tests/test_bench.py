@@ -99,6 +99,9 @@ def test_bench_config_cells():
     assert cells[0].protocol == "paper" and cells[0].seeds == 3
     assert {c.harmful for c in cells if c.protocol == "sweep"} == {0, 50, 100, 200}
     assert BenchConfig(name="x").pool_sizes() == (5000, 1000)
+    assert [c.name for c in BenchConfig(name="x").cells(("paper",))] == [cells[0].name]
+    with pytest.raises(ValueError, match="unknown protocol.*'sweeps'"):
+        BenchConfig(name="x").cells(("sweeps",))
     for preset in ("quick", "default", "public"):
         assert load_bench_config(preset).cells()
 
