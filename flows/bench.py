@@ -87,7 +87,7 @@ class Bench:
 def finetune_configs(bench: Bench, cell: Cell, seed: int) -> dict[str, dict]:
     """Full and task-LoRA fine-tuning settings of a cell: the pipeline's, with the cell's attack strength."""
     base = bench.pipe.finetune
-    epochs = cell.epochs or bench.cfg.epochs or base.train.epochs
+    epochs = cell.epochs or bench.cfg.epochs
     full = base.train.model_copy(update={"seed": seed, "epochs": epochs,
                                          "learning_rate": base.train.learning_rate * cell.lr_scale})
     lora = full.model_copy(update={"learning_rate": bench.cfg.lora_learning_rate * cell.lr_scale})
@@ -232,6 +232,7 @@ def secvec_bench(config: str = "default", out_dir: str | None = None, workers: i
     cfg = load_bench_config(config)
     cfg.cells(protocols)  # an unknown protocol fails here, before any work
     pipe = load_pipeline_config(cfg.pipeline)
+    cfg = cfg.model_copy(update={"epochs": cfg.epochs or pipe.finetune.train.epochs})  # cells that set none
     out = Path(out_dir) if out_dir else PROJECT_ROOT / "outputs" / "bench" / cfg.name
     cache = Path(os.environ.get("SECVEC_CACHE", PROJECT_ROOT / ".cache"))
     start, timings = time.perf_counter(), {}

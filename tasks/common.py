@@ -6,7 +6,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from prefect import Task
+from prefect import Task, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 from transformers import TrainerCallback
@@ -35,9 +35,22 @@ def is_done(out_dir: str | Path) -> bool:
     return (Path(out_dir) / DONE).is_file()
 
 
-def fresh(task: Task, out_dir: str | Path) -> Task:
-    """The task with its cache refreshed when its output folder is gone (e.g. the cache was cleaned)."""
-    return task.with_options(refresh_cache=not is_done(out_dir))
+@task(name="reuse-stage", task_run_name="reuse-{stage}")
+def reuse_stage(stage: str, out_dir: str) -> dict:
+    """What a finished stage stored in its output folder."""
+    return json.loads((Path(out_dir) / "result.json").read_text())
+
+
+def fresh(stage: Task, out_dir: str | Path):
+    """The stage task, or, when its output folder is finished, a `reuse-<stage>` task returning what it stored.
+
+    The folder is keyed on the stage's inputs (as Prefect's cache is), and it outlives Prefect's record of the
+    result: a worker process killed before its results were persisted, another PREFECT_HOME. Without a
+    finished folder (e.g. the cache was cleaned) the stage runs again, its Prefect cache refreshed.
+    """
+    if is_done(out_dir):
+        return lambda *args, **kwargs: reuse_stage(stage.name, str(out_dir))
+    return stage.with_options(refresh_cache=True)
 
 
 def begin(out_dir: str | Path) -> Path:
