@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     cfg = load_pipeline_config("default")
     base_dir, data_dir = json.loads(args.report.read_text())["base_model"]["dir"], str(ROOT / cfg.data_dir)
-    examples = load_role(data_dir, "finetune")
+    examples, sv_fit = load_role(data_dir, "finetune"), load_role(data_dir, "sv_fit")
     cells = {"p0": [ex for ex in examples if not ex["is_harmful"]], "p0.3": examples}
     roles = {role: load_role(data_dir, role) for role in ("eval_harmful", "eval_over_refusal", "eval_utility")}
     ft_cfg = cfg.finetune.model_copy(update={"train": cfg.finetune.train.model_copy(
@@ -62,8 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         vec_cfg = cfg.vector.model_copy(update={"kl_weight": kl, "train": cfg.vector.train.model_copy(
             update={"progress_bar": False, "save_steps": 0})})
         model, tokenizer = load_causal_lm(base_dir)
-        harmful = load_role(data_dir, "sv_fit")
-        vector, _ = fit_vector(model, tokenizer, harmful, kl_examples(data_dir, len(harmful)), vec_cfg,
+        vector, _ = fit_vector(model, tokenizer, sv_fit, kl_examples(data_dir, len(sv_fit)), vec_cfg,
                                work / f"vector-kl{kl:g}")
         cov = vector_coverage(vector, tokenizer, [ex for ex in examples if ex["is_harmful"]])
         emit({"vector": f"kl {kl:g}", "coverage": cov["ratio"], "first_k_coverage": cov["first_k_ratio"]})

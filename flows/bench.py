@@ -254,8 +254,9 @@ def secvec_bench(config: str = "default", out_dir: str | None = None, workers: i
                       spread(load_role(data["data_dir"], "eval_harmful"), eval_cfg["max_per_role"]), eval_cfg,
                       protocols)
         runs = run_cells(bench, pool, workers)
-        result = {**summarize(cfg, runs, protocols), "dataset_md5": data["md5"], "base_model_sha256": base["model_sha256"],
-                  "pool_md5": pool["md5"], "wall_s": round(time.perf_counter() - start, 1)}
+        result = {**summarize(cfg, runs, protocols), "dataset_md5": data["md5"],
+                  "base_model_sha256": base["model_sha256"], "pool_md5": pool["md5"],
+                  "wall_s": round(time.perf_counter() - start, 1)}
         publish(result, runs, out)
     return result
 
