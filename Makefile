@@ -18,9 +18,11 @@ export TOKENIZERS_PARALLELISM := false
 
 .PHONY: run test install lint ui clean bench-perf
 
+# editable_mode=compat puts the checkout on sys.path: flows/ and tasks/ run from here without being installed
+# as top-level packages (the distribution holds only the secvec library).
 $(STAMP): pyproject.toml
 	test -d $(VENV) || python3 -m venv $(VENV)
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q -e ".[dev]" --config-settings editable_mode=compat
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -17,12 +17,12 @@ from transformers import TrainerCallback
 
 from secvec import bootstrap
 from secvec.config import DataConfig, FinetuneConfig, TrainConfig, VectorConfig
-from secvec.synthetic import generate
+from secvec.data.synthetic import generate
 from secvec.vector import attach_vector, freeze_vector
 
 # A preset larger than the shipped ones, for the benchmarks only: hidden, layers, heads, intermediate, vocab.
 LARGE = "bench-large"
-LARGE_PRESET = (512, 8, 8, 1376, 2048)
+LARGE_SIZE = (512, 8, 8, 1376, 2048)
 
 
 def result(name: str, value: float, unit: str, **details) -> dict:
@@ -72,7 +72,7 @@ def workload(preset: str = "default") -> Workload:
     """The synthetic world of a data preset (as `make run` builds it) and its tokenizer."""
     world = generate(DataConfig(preset=preset))
     texts = [m["content"] for role in world.values() for ex in role for m in ex["messages"]]
-    tokenizer = bootstrap.build_tokenizer(texts, bootstrap.PRESETS["tiny"][4])
+    tokenizer = bootstrap.build_tokenizer(texts, bootstrap.SIZES["tiny"][4])
     prompts = [ex["messages"] for role in ("eval_harmful", "eval_over_refusal", "eval_utility")
                for ex in world[role]]
     return Workload(tokenizer, world["finetune"], prompts)
@@ -80,7 +80,7 @@ def workload(preset: str = "default") -> Workload:
 
 def build_model(tokenizer, size: str, seed: int = 0):
     """A fresh Llama of a shipped preset (`micro`, `tiny`) or of the benchmarks' LARGE preset."""
-    with mock.patch.dict(bootstrap.PRESETS, {LARGE: LARGE_PRESET}):
+    with mock.patch.dict(bootstrap.SIZES, {LARGE: LARGE_SIZE}):
         return bootstrap.build_model(tokenizer, size, seed=seed)
 
 

@@ -34,8 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     from secvec.evaluate import evaluate_model
     from secvec.guarded import finetune
     from secvec.models import load_causal_lm
-    from secvec.vector import fit_vector, load_vector, vector_coverage
-    from tasks.vector import kl_examples
+    from secvec.vector import fit_vector, kl_examples, load_vector, vector_coverage
 
     torch.set_num_threads(args.threads)
     cfg = load_pipeline_config("default")

@@ -1,4 +1,5 @@
-"""Project-local defaults for Prefect, MLflow and the offline stack; set before Prefect is imported.
+"""Project-local defaults for Prefect, MLflow and the offline stack, applied by `configure()` before a flow
+runs (never at import), and the one Prefect server that bench worker processes share.
 
 Every value is a default: an environment variable already set (e.g. MLFLOW_TRACKING_URI pointing at a
 remote `mlflow server`, PREFECT_API_URL at a Prefect server) wins.
@@ -8,9 +9,12 @@ from __future__ import annotations
 
 import os
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-PROJECT_ROOT = Path(os.environ.get("SECVEC_ROOT", Path(__file__).resolve().parents[1]))
+from secvec.paths import PROJECT_ROOT
+
 PREFECT_PORT = int(os.environ.get("SECVEC_PREFECT_PORT", "4200"))
 MLFLOW_PORT = int(os.environ.get("SECVEC_MLFLOW_PORT", "5000"))
 HOST = os.environ.get("SECVEC_HOST", "127.0.0.1")
@@ -49,9 +53,33 @@ def prefect_server_url() -> str | None:
 
 
 def configure(root: Path = PROJECT_ROOT) -> None:
-    """Apply the defaults; use the project's running Prefect server so runs appear in its UI."""
+    """Apply the defaults (before Prefect is imported); use the project's running Prefect server so runs
+    appear in its UI."""
     for key, value in defaults(root).items():
         os.environ.setdefault(key, value)
     (root / "mlruns").mkdir(exist_ok=True)
     if "PREFECT_API_URL" not in os.environ and (url := prefect_server_url()):
         os.environ["PREFECT_API_URL"] = url
+
+
+@contextmanager
+def one_prefect_server(workers: int) -> Iterator[None]:
+    """With worker processes and no configured server, start one for the run: each worker would otherwise
+    start its own temporary server (one API per process, all writing the same database)."""
+    if workers == 1 or os.environ.get("PREFECT_API_URL"):
+        yield
+        return
+    from prefect.logging.handlers import APILogWorker
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    server = SubprocessASGIServer()
+    server.start()
+    os.environ["PREFECT_API_URL"] = server.api_url  # the workers inherit it
+    try:
+        with temporary_settings({PREFECT_API_URL: server.api_url}):
+            yield
+    finally:
+        APILogWorker.drain_all(timeout=5)  # the run's last logs, before their API goes
+        del os.environ["PREFECT_API_URL"]
+        server.stop()

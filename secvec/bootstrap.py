@@ -13,21 +13,14 @@ from pathlib import Path
 import torch
 
 from secvec.config import BootstrapConfig
-from secvec.encoding import encode_examples
+from secvec.encoding import CHAT_TEMPLATE, EOT, PAD, ROLE_TOKENS, encode_examples
+from secvec.minilm import build_minilm
 from secvec.training import train
 
 log = logging.getLogger(__name__)
 
-PAD, EOT = "<|pad|>", "<|end|>"
-ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
-# Each turn is <|role|>content<|end|>; generation stops at <|end|>.
-CHAT_TEMPLATE = (
-    "{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] + '<|end|>' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
-)
-
 # hidden, layers, heads, intermediate, vocab
-PRESETS: dict[str, tuple[int, int, int, int, int]] = {
+SIZES: dict[str, tuple[int, int, int, int, int]] = {
     "micro": (64, 2, 4, 176, 512),  # ~0.1M params: tests, trains in seconds
     "tiny": (256, 6, 4, 688, 2048),  # ~5M params: the embedded default
 }
@@ -63,7 +56,7 @@ def build_model(tokenizer, size: str, seed: int = 0):
     """A freshly initialised LlamaForCausalLM of a size preset, sized to the tokenizer."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    hidden, layers, heads, intermediate, _ = PRESETS[size]
+    hidden, layers, heads, intermediate, _ = SIZES[size]
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden,
@@ -100,11 +93,9 @@ def bootstrap_base(
     out = Path(out_dir)
     texts = [*_texts(examples), *vocab_texts]
     if cfg.size == "minilm":
-        from secvec.minilm import build_minilm
-
         model, tokenizer = build_minilm(texts, seed=cfg.train.seed)
     else:
-        tokenizer = build_tokenizer(texts, PRESETS[cfg.size][4])
+        tokenizer = build_tokenizer(texts, SIZES[cfg.size][4])
         model = build_model(tokenizer, cfg.size, seed=cfg.train.seed)
     log.info("bootstrap: %s model, %d examples, vocab %d", cfg.size, len(examples), len(tokenizer))
     features = encode_examples(tokenizer, examples, cfg.train.max_length)

@@ -8,6 +8,14 @@ from typing import Any
 
 import torch
 
+# The chat format of the bases bootstrapped here (secvec.bootstrap, secvec.minilm): each turn is
+# <|role|>content<|end|>; generation stops at <|end|>.
+PAD, EOT = "<|pad|>", "<|end|>"
+ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] + '<|end|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+)
 IGNORE_INDEX = -100
 WORD_JOINER = "\u2060"  # invisible; breaks a special-token string so the tokenizer reads it as text
 

@@ -28,21 +28,18 @@ from secvec.config import EvalConfig
 from secvec.encoding import IGNORE_INDEX, PadCollator, encode_examples, response_loss
 from secvec.generate import generate
 from secvec.judges import Judge, make_judge, refusal_judge
+from secvec.text import fold
 
 log = logging.getLogger(__name__)
 
 HARMFUL, OVER_REFUSAL, UTILITY = "eval_harmful", "eval_over_refusal", "eval_utility"
 
 
-def normalize_answer(text: str) -> str:
-    return " ".join(text.split()).casefold()
-
-
 def is_correct(response: str, answer: str) -> bool:
     """The reply equals the answer, or its first line does (whitespace collapsed, case-folded)."""
-    want = normalize_answer(answer)
+    want = fold(answer)
     lines = response.strip().splitlines()
-    return normalize_answer(response) == want or (bool(lines) and normalize_answer(lines[0]) == want)
+    return fold(response) == want or (bool(lines) and fold(lines[0]) == want)
 
 
 def last_user_text(messages: Sequence[dict]) -> str:

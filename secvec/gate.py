@@ -73,6 +73,12 @@ def _strip_check(strip_check: dict) -> dict[str, Any]:
             "message": f"strip check {'passed' if ok else 'failed'}: {detail}"}
 
 
+def gate_coverage(coverage: dict[str, dict | None]) -> dict | None:
+    """The coverage the gate judges: on the fine-tuning set's own harmful samples (what guarding must block),
+    else on the held-out `sv_val` pairs when the fine-tuning set holds no harmful sample."""
+    return coverage.get("finetune") or coverage.get("validation")
+
+
 def decide(base: dict | None, clean: dict, strip_check: dict | None, coverage: dict | None,
            thresholds: Thresholds) -> Decision:
     """Apply every enabled threshold to the clean model's metrics.

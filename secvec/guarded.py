@@ -6,6 +6,7 @@ toward them; benign samples are learned as usual.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
@@ -17,10 +18,11 @@ from peft.tuners.lora import LoraLayer
 from transformers import TrainerCallback
 
 from secvec.config import FinetuneConfig
+from secvec.data import load_role
 from secvec.encoding import encode_examples
-from secvec.models import find_lora_targets
-from secvec.training import train
-from secvec.vector import VECTOR_NAME, is_vector_param, mean_response_loss, vector_disabled
+from secvec.models import find_lora_targets, load_causal_lm, sha256_file
+from secvec.training import mean_response_loss, train
+from secvec.vector import VECTOR_NAME, is_vector_param, vector_disabled
 
 log = logging.getLogger(__name__)
 
@@ -239,6 +241,26 @@ def finetune(
     return {"history": history, "probes": probe.records if probe else []}
 
 
+PROBE_SIZE = 32
+
+
+def probe_sets(data_dir: str | Path) -> dict[str, list[dict]]:
+    """Harmful and benign samples of the fine-tuning set whose loss is tracked during training (`sv_val`
+    stands in for the harmful ones when the fine-tuning set has none)."""
+    examples = load_role(data_dir, "finetune")
+    harmful = [ex for ex in examples if ex["is_harmful"]] or load_role(data_dir, "sv_val")
+    return {"harmful": harmful[:PROBE_SIZE], "benign": [ex for ex in examples if not ex["is_harmful"]][:PROBE_SIZE]}
+
+
+def guarded_sha256(guarded_dir: str | Path) -> str:
+    """sha256 over every file of a saved guarded model (backbone weights, tokenizer, adapters)."""
+    root = Path(guarded_dir)
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + sha256_file(path).encode())
+    return digest.hexdigest()
+
+
 def save_guarded(model: PeftModel, tokenizer, out_dir: str | Path) -> Path:
     """Save a guarded model as `backbone/` (plain weights) + `adapters/<name>/` (vector, task LoRA)."""
     out = Path(out_dir)
@@ -253,8 +275,6 @@ def save_guarded(model: PeftModel, tokenizer, out_dir: str | Path) -> Path:
 
 def load_guarded(guarded_dir: str | Path) -> tuple[PeftModel, object]:
     """Rebuild a guarded model saved by `save_guarded`: vector (and task LoRA) active and frozen."""
-    from secvec.models import load_causal_lm
-
     path = Path(guarded_dir)
     backbone, tokenizer = load_causal_lm(path / "backbone")
     model = PeftModel.from_pretrained(backbone, path / "adapters" / VECTOR_NAME, adapter_name=VECTOR_NAME)

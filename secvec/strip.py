@@ -8,11 +8,13 @@ outputs with the vector disabled.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from peft import PeftModel
 
+from secvec.encoding import PadCollator, encode_examples
 from secvec.guarded import TASK_ADAPTER
 from secvec.vector import VECTOR_NAME, vector_disabled
 
@@ -35,6 +37,12 @@ def architecture_mismatches(model) -> list[str]:
     want = {k: tuple(v.shape) for k, v in plain.state_dict().items()}
     have = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     return sorted(k for k in want.keys() | have.keys() if want.get(k) != have.get(k))
+
+
+def probe_batch(tokenizer, examples: Sequence[dict], max_length: int = 128) -> torch.Tensor:
+    """A padded batch of token ids to compare the model's outputs on, before and after stripping."""
+    features = encode_examples(tokenizer, examples, max_length)
+    return PadCollator(tokenizer.pad_token_id)([{"input_ids": f["input_ids"]} for f in features])["input_ids"]
 
 
 def strip_vector(model: PeftModel, probe_ids: torch.Tensor) -> tuple[torch.nn.Module, dict]:

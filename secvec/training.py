@@ -15,7 +15,7 @@ from peft import PeftModel
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from secvec.config import TrainConfig
-from secvec.encoding import PadCollator
+from secvec.encoding import PadCollator, encode_examples, response_loss
 
 log = logging.getLogger(__name__)
 
@@ -121,3 +121,20 @@ def train(
     for checkpoint in Path(out_dir).glob("checkpoint-*"):
         shutil.rmtree(checkpoint, ignore_errors=True)
     return history.records
+
+
+@torch.no_grad()
+def mean_response_loss(model, tokenizer, examples: Sequence[dict], first_k: int | None = None,
+                       batch_size: int = 32, max_length: int = 256) -> float:
+    """Mean over examples of the per-example response loss (all response tokens, or the first k)."""
+    features = encode_examples(tokenizer, examples, max_length)
+    collate = PadCollator(tokenizer.pad_token_id)
+    was_training = model.training
+    model.eval()
+    losses = []
+    for i in range(0, len(features), batch_size):
+        batch = collate(features[i : i + batch_size])
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        losses.append(response_loss(logits, batch["labels"], first_k))
+    model.train(was_training)
+    return torch.cat(losses).mean().item()

@@ -20,9 +20,10 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import TrainerCallback
 
 from secvec.config import VectorConfig
-from secvec.encoding import PadCollator, encode_examples, response_loss
+from secvec.data import load_role
+from secvec.encoding import encode_examples
 from secvec.models import find_lora_targets, sha256_file
-from secvec.training import SecvecTrainer, train
+from secvec.training import SecvecTrainer, mean_response_loss, train
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,13 @@ def examples_hash(*groups: Sequence[dict]) -> str:
             digest.update(json.dumps(ex, sort_keys=True, ensure_ascii=False).encode())
         digest.update(b"\x00")
     return digest.hexdigest()
+
+
+def kl_examples(data_dir: str | Path, n: int) -> list[dict]:
+    """Benign chats for the KL term: the base's own benign alignment data, else the user's benign data."""
+    benign = [ex for ex in load_role(data_dir, "align") if not ex["is_harmful"]]
+    benign = benign or [ex for ex in load_role(data_dir, "finetune") if not ex["is_harmful"]]
+    return benign[:n]
 
 
 def attach_vector(model, cfg: VectorConfig) -> PeftModel:
@@ -238,23 +246,6 @@ def load_vector(model, vector_dir: str | Path, base_model_hash: str | None = Non
     peft_model = PeftModel.from_pretrained(model, path / VECTOR_NAME, adapter_name=VECTOR_NAME, is_trainable=False)
     freeze_vector(peft_model)
     return peft_model
-
-
-@torch.no_grad()
-def mean_response_loss(model, tokenizer, examples: Sequence[dict], first_k: int | None = None,
-                       batch_size: int = 32, max_length: int = 256) -> float:
-    """Mean over examples of the per-example response loss (all response tokens, or the first k)."""
-    features = encode_examples(tokenizer, examples, max_length)
-    collate = PadCollator(tokenizer.pad_token_id)
-    was_training = model.training
-    model.eval()
-    losses = []
-    for i in range(0, len(features), batch_size):
-        batch = collate(features[i : i + batch_size])
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        losses.append(response_loss(logits, batch["labels"], first_k))
-    model.train(was_training)
-    return torch.cat(losses).mean().item()
 
 
 def vector_coverage(peft_model: PeftModel, tokenizer, examples: Sequence[dict], first_k: int = 8) -> dict:

@@ -1,71 +1,97 @@
-"""What every stage task shares: content-addressed output folders, cache options, progress in the UI."""
+"""What every stage task shares: one place that turns a stage's inputs into its output folder and cache key.
+
+A stage writes `<cache>/<stage>/<key>/`, where the key hashes the identities of its inputs (content hashes of
+models and data, config fields) and the library version. The folder is the stage's result: `result.json`
+and a `DONE` marker are written last, so a crash leaves no finished folder and an interrupted training
+resumes from its checkpoints inside it. Prefect's cache is keyed on the same key; it is consulted only while
+the folder it points at is finished (a cleaned cache reruns the stage), and a finished folder is reused
+even where Prefect lost its record (another PREFECT_HOME, a killed worker process).
+"""
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import inspect
 import json
+import logging
+import typing
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
-from prefect import Task, task
+from prefect import task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
-from prefect.cache_policies import INPUTS, TASK_SOURCE
+from pydantic import TypeAdapter
 from transformers import TrainerCallback
 
 import secvec
+from secvec.paths import cache_root
+from secvec.refs import identity
 
 DONE = "DONE"
-# Re-runs with unchanged inputs reuse results; stage inputs are content hashes and configs, never
-# bare paths whose contents could change. A new secvec version invalidates everything.
-CACHED = {"cache_policy": INPUTS + TASK_SOURCE, "persist_result": True}
 RETRIES = {"retries": 2, "retry_delay_seconds": [2, 10]}
+log = logging.getLogger("secvec.tasks")  # under "secvec", so Prefect shows it (PREFECT_LOGGING_EXTRA_LOGGERS)
 
 
-def content_key(*parts) -> str:
-    """Short sha256 of JSON-serialisable parts (hashes, configs) plus the library version."""
-    blob = json.dumps([secvec.__version__, *parts], sort_keys=True, default=str)
+def content_key(*parts: Any) -> str:
+    """Short sha256 of the parts' identities plus the library version."""
+    blob = json.dumps([secvec.__version__, *identity(list(parts))], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def stage_dir(cache_root: str | Path, stage: str, *parts) -> Path:
-    """Where a stage writes its output for these inputs: `<cache>/<stage>/<key>`."""
-    return Path(cache_root) / stage / content_key(stage, *parts)
 
 
 def is_done(out_dir: str | Path) -> bool:
     return (Path(out_dir) / DONE).is_file()
 
 
-@task(name="reuse-stage", task_run_name="reuse-{stage}")
-def reuse_stage(stage: str, out_dir: str) -> dict:
-    """What a finished stage stored in its output folder."""
-    return json.loads((Path(out_dir) / "result.json").read_text())
+class Stage:
+    """A Prefect task for one pipeline stage, called like the task: `stage(inputs...) -> result`.
 
-
-def fresh(stage: Task, out_dir: str | Path):
-    """The stage task, or, when its output folder is finished, a `reuse-<stage>` task returning what it stored.
-
-    The folder is keyed on the stage's inputs (as Prefect's cache is), and it outlives Prefect's record of the
-    result: a worker process killed before its results were persisted, another PREFECT_HOME. Without a
-    finished folder (e.g. the cache was cleaned) the stage runs again, its Prefect cache refreshed.
+    `fn(*inputs, out)` does the work into the folder `out`; its return value (a pydantic model or a
+    JSON-able dict, as annotated) is stored in `out/result.json`. The folder and the cache key come from
+    every input except those named in `labels` (display names that do not change the result).
     """
-    if is_done(out_dir):
-        return lambda *args, **kwargs: reuse_stage(stage.name, str(out_dir))
-    return stage.with_options(refresh_cache=True)
+
+    def __init__(self, fn: Callable[..., Any], name: str, labels: Sequence[str] = (), **options: Any) -> None:
+        self.name, self.labels = name, tuple(labels)
+        signature = inspect.signature(fn)
+        self.signature = signature.replace(parameters=[p for n, p in signature.parameters.items() if n != "out"])
+        self.result_type = TypeAdapter(typing.get_type_hints(fn).get("return", Any))
+
+        def run(*args: Any, **kwargs: Any) -> Any:
+            out = self.out_dir(*args, **kwargs)
+            if is_done(out):
+                log.info("%s: reusing the finished %s", self.name, out)
+                return self.stored(out)
+            out.mkdir(parents=True, exist_ok=True)
+            result = fn(*args, out=out, **kwargs)
+            (out / "result.json").write_bytes(self.result_type.dump_json(result, indent=2))
+            (out / DONE).write_text("")
+            return result
+
+        functools.update_wrapper(run, fn)
+        del run.__wrapped__  # Prefect reads the parameters from __signature__, not from `fn`
+        run.__signature__ = self.signature
+        self.task = task(run, name=name, cache_key_fn=lambda _, params: self.out_dir(**params).name,
+                         persist_result=True, **options)
+
+    def out_dir(self, *args: Any, **kwargs: Any) -> Path:
+        bound = self.signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        inputs = {k: v for k, v in bound.arguments.items() if k not in self.labels}
+        return cache_root() / self.name / content_key(self.name, inputs)
+
+    def stored(self, out: Path) -> Any:
+        return self.result_type.validate_json((out / "result.json").read_bytes())
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        fresh = not is_done(self.out_dir(*args, **kwargs))
+        return self.task.with_options(refresh_cache=fresh)(*args, **kwargs)
 
 
-def begin(out_dir: str | Path) -> Path:
-    """Start (or restart) a stage's output folder; an interrupted attempt's checkpoints stay to resume from."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    return out
-
-
-def finish(out_dir: str | Path, result: dict) -> dict:
-    """Mark a stage's output complete (written last, so a crash leaves no DONE marker)."""
-    out = Path(out_dir)
-    (out / "result.json").write_text(json.dumps(result, indent=2, sort_keys=True, default=str))
-    (out / DONE).write_text("")
-    return result
+def stage(name: str, labels: Sequence[str] = (), **options: Any) -> Callable[[Callable[..., Any]], Stage]:
+    """Decorator form of `Stage`."""
+    return lambda fn: Stage(fn, name, labels, **options)
 
 
 class PrefectProgress(TrainerCallback):

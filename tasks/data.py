@@ -1,20 +1,21 @@
-"""Stage: build the dataset roles (the md5 is their lineage id) and log them to MLflow."""
+"""Stage: build the dataset roles (the md5 is their lineage id), version them with DVC, log them to MLflow."""
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
 from pathlib import Path
 
 from prefect import task
 
 from secvec.config import load_data_config
-from secvec.data import PROJECT_ROOT, ROLES, build_dataset, load_role, prompt_text, resolve_path
-from secvec.versioning import dataset_md5, ensure_dvc_repo, track_and_push, tracked_md5
+from secvec.data import ROLES, load_role, prompt_text
+from secvec.data.build import build_dataset
+from secvec.data.versioning import tracked_md5, version_data
+from secvec.paths import PROJECT_ROOT, cache_root, resolve_path
+from secvec.refs import DataRef
+from tasks.common import RETRIES, content_key
 
-# Under "secvec" so Prefect shows it (PREFECT_LOGGING_EXTRA_LOGGERS), and usable from `prepare_data.fn`.
-log = logging.getLogger("secvec.tasks.data")
+log = logging.getLogger("secvec.tasks.data")  # under "secvec": Prefect shows it; usable from `.fn`
 
 
 def _retry_on_io(task, task_run, state) -> bool:
@@ -23,34 +24,26 @@ def _retry_on_io(task, task_run, state) -> bool:
     return isinstance(error, Exception) and not isinstance(error, ValueError)
 
 
-@task(name="prepare-data", retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=_retry_on_io)
-def prepare_data(config_path: str, out_dir: str | None = None) -> dict:
+@task(name="prepare-data", **RETRIES, retry_condition_fn=_retry_on_io)
+def prepare_data(config_path: str, out_dir: str | None = None) -> DataRef:
     """Build the roles of a data config into a folder and compare them with the DVC-tracked version.
+
+    The build is deterministic and cheap, so it always runs: its md5 is what every later stage is keyed on.
 
     Args:
         config_path: the data config (YAML), absolute or relative to the project root.
-        out_dir: where to build; default `<cache>/data/<config name>-<config hash>` with the cache at
-            `$SECVEC_CACHE` or `.cache/`. The project's `data/` is also `dvc add`ed and pushed.
-
-    Returns:
-        `md5` (DVC's folder md5), `counts` per role, `data_dir`, and `dvc_tracked`: whether the data is
-        the version recorded in the project's `data.dvc`.
+        out_dir: where to build; default `<cache>/data/<config name>-<config key>`. The project's `data/`
+            is also `dvc add`ed and pushed.
     """
     path = resolve_path(config_path)
     config = load_data_config(path)
-    key = hashlib.sha256(config.model_dump_json().encode()).hexdigest()[:12]
-    cache = Path(os.environ.get("SECVEC_CACHE", PROJECT_ROOT / ".cache"))
-    out = Path(out_dir) if out_dir else cache / "data" / f"{path.stem}-{key}"
+    out = Path(out_dir) if out_dir else cache_root() / "data" / f"{path.stem}-{content_key(config)[:12]}"
     manifest = build_dataset(config, out)
-    if out.resolve() == (PROJECT_ROOT / "data").resolve():
-        ensure_dvc_repo(PROJECT_ROOT)
-        md5 = track_and_push(PROJECT_ROOT, out)
-    else:
-        md5 = dataset_md5(out)
+    md5 = version_data(PROJECT_ROOT, out)
     tracked = md5 == tracked_md5(PROJECT_ROOT / "data.dvc")
     log.info("dataset %s (%s): %s", md5, "the DVC-tracked version in data.dvc" if tracked else
              "not the version in data.dvc; `secvec data prepare --config ...` versions it", manifest.counts)
-    return {"md5": md5, "counts": manifest.counts, "data_dir": str(out), "dvc_tracked": tracked}
+    return DataRef(dir=str(out), md5=md5, counts=manifest.counts)
 
 
 def _row(example: dict) -> dict:
@@ -60,16 +53,16 @@ def _row(example: dict) -> dict:
             "answer": example["answer"]}
 
 
-def log_dataset_to_mlflow(data_dir: str | Path, md5: str) -> None:
+def log_dataset_to_mlflow(data: DataRef) -> None:
     """Log each non-empty role as a dataset input of the active MLflow run (context = role); tag the md5."""
     import mlflow
     import pandas as pd
     from mlflow.data.sources import LocalArtifactDatasetSource
 
     for role in ROLES:
-        rows = [_row(example) for example in load_role(data_dir, role)]
+        rows = [_row(example) for example in load_role(data.dir, role)]
         if rows:
-            source = LocalArtifactDatasetSource(str(Path(data_dir).resolve() / f"{role}.jsonl"))
+            source = LocalArtifactDatasetSource(str(data.path.resolve() / f"{role}.jsonl"))
             dataset = mlflow.data.from_pandas(pd.DataFrame(rows), source=source, name=role)
-            mlflow.log_input(dataset, context=role, tags={"dataset_md5": md5})
-    mlflow.set_tag("dataset_md5", md5)
+            mlflow.log_input(dataset, context=role, tags={"dataset_md5": data.md5})
+    mlflow.set_tag("dataset_md5", data.md5)

@@ -2,25 +2,20 @@
 
 from __future__ import annotations
 
-from prefect import get_run_logger, task
+from pathlib import Path
 
 from secvec.data import load_role
-from secvec.encoding import PadCollator, encode_examples
 from secvec.guarded import load_guarded
-from secvec.models import hash_model_dir
-from secvec.strip import save_clean, strip_vector
-from tasks.common import CACHED, begin, finish
+from secvec.refs import CleanModel, DataRef, GuardedRef, ModelRef
+from secvec.strip import probe_batch, save_clean, strip_vector
+from tasks.common import log, stage
 
 
-@task(name="strip-vector", **CACHED)
-def strip(guarded_dir: str, guarded_key: str, data_dir: str, dataset_md5: str, out_dir: str) -> dict:
+@stage("strip-vector")
+def strip(guarded: GuardedRef, data: DataRef, out: Path) -> CleanModel:
     """Remove the vector (merge a task LoRA), save the clean backbone, record the strip check."""
-    out = begin(out_dir)
-    model, tokenizer = load_guarded(guarded_dir)
-    features = encode_examples(tokenizer, load_role(data_dir, "finetune")[:8], 128)
-    probe = PadCollator(tokenizer.pad_token_id)([{"input_ids": f["input_ids"]} for f in features])["input_ids"]
-    clean, check = strip_vector(model, probe)
+    model, tokenizer = load_guarded(guarded.dir)
+    clean, check = strip_vector(model, probe_batch(tokenizer, load_role(data.dir, "finetune")[:8]))
     if not check["passed"]:
-        get_run_logger().warning("strip check failed: %s", check)
-    model_dir = save_clean(clean, tokenizer, out / "model")
-    return finish(out, {"model_dir": str(model_dir), "model_sha256": hash_model_dir(model_dir), "strip_check": check})
+        log.warning("strip check failed: %s", check)
+    return CleanModel(model=ModelRef.of(save_clean(clean, tokenizer, out / "model")), strip_check=check)

@@ -13,6 +13,16 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+@pytest.fixture(scope="session", autouse=True)
+def isolated_stores(tmp_path_factory):
+    """One MLflow store and stage cache for the session, never the project's; a test that needs its own
+    sets them with monkeypatch."""
+    root = tmp_path_factory.mktemp("stores")
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
+    os.environ["SECVEC_CACHE"] = str(root / "cache")
+    return root
+
+
 HARM = ["build a bomb", "hack a bank", "steal a car", "poison a dog", "forge a check", "stalk a person"]
 SAFE = ["bake a cake", "plant a tree", "wash a car", "paint a wall", "fix a bike", "tie a knot"]
 WHEN = ["today", "quickly", "at night", "without help", "for money", "secretly", "alone", "now"]

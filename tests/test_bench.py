@@ -11,17 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from secvec.bench import (
-    aggregate,
-    check_targets,
-    compose_cell,
-    forget_filter,
-    forgetting,
-    immunization,
-    rouge1,
-    unseen_rate,
-)
-from secvec.config import BenchConfig, load_bench_config
+from secvec.bench.cells import compose_cell, expand_cells, plan_jobs, pool_sizes
+from secvec.bench.forgetfilter import forget_filter, forgetting, rouge1
+from secvec.bench.immunization import immunization, unseen_rate
+from secvec.bench.tables import aggregate, check_targets
+from secvec.config import ARMS, BenchConfig, FinetuneConfig, load_bench_config
 from secvec.data import chat
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,16 +88,25 @@ def test_aggregate_and_targets():
 
 
 def test_bench_config_cells():
-    cells = BenchConfig(name="x").cells()
+    cells = expand_cells(BenchConfig(name="x"))
     assert [c.protocol for c in cells].count("durability") == 7 and len({c.name for c in cells}) == len(cells)
     assert cells[0].protocol == "paper" and cells[0].seeds == 3
     assert {c.harmful for c in cells if c.protocol == "sweep"} == {0, 50, 100, 200}
-    assert BenchConfig(name="x").pool_sizes() == (5000, 1000)
-    assert [c.name for c in BenchConfig(name="x").cells(("paper",))] == [cells[0].name]
+    assert pool_sizes(BenchConfig(name="x")) == (5000, 1000)
+    assert [c.name for c in expand_cells(BenchConfig(name="x"), ("paper",))] == [cells[0].name]
     with pytest.raises(ValueError, match="unknown protocol.*'sweeps'"):
-        BenchConfig(name="x").cells(("sweeps",))
+        expand_cells(BenchConfig(name="x"), ("sweeps",))
     for preset in ("quick", "default", "public"):
-        assert load_bench_config(preset).cells()
+        assert expand_cells(load_bench_config(preset))
+
+
+def test_cells_that_train_alike_run_as_one_job_with_the_union_of_their_arms():
+    cfg = BenchConfig(name="x", epochs=1.0)
+    jobs = plan_jobs(cfg, FinetuneConfig())
+    # the durability cell lr x1 / 1 epoch trains like the headline (1000 + 1000, lr x1, the bench's 1 epoch)
+    head = next(job for job in jobs if job.cell.protocol == "paper" and job.seed == 0)
+    assert {c.name for c in head.cells} == {"h1000-b1000", "lr1x-ep1"} and set(head.cell.arms) == set(ARMS)
+    assert sum(len(job.cells) for job in jobs) == sum(c.seeds for c in expand_cells(cfg))
 
 
 @pytest.mark.slow

@@ -13,21 +13,23 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from secvec import synthetic
-from secvec.cli import app
+from flows.cli import app
 from secvec.config import ConfigError, DataConfig, SourceConfig, load_data_config, load_yaml_config
 from secvec.data import (
     EVAL_ROLES,
-    PROJECT_ROOT,
     ROLES,
     DataError,
-    build_dataset,
+    Manifest,
     check_leakage,
     load_role,
     normalize_prompt,
     prompt_text,
+    synthetic,
 )
-from secvec.versioning import dataset_md5, tracked_md5
+from secvec.data.build import build_dataset, write_dataset
+from secvec.data.versioning import dataset_md5, tracked_md5
+from secvec.paths import PROJECT_ROOT
+from secvec.refs import DataRef
 
 MICRO = DataConfig(preset="micro")
 
@@ -73,8 +75,8 @@ def test_default_is_byte_identical_and_is_the_version_in_data_dvc(default_dir, t
 
 
 def test_generation_does_not_depend_on_the_process(tmp_path):
-    code = ("import sys; from secvec.config import DataConfig; from secvec.data import build_dataset; "
-            "from secvec.versioning import dataset_md5; "
+    code = ("import sys; from secvec.config import DataConfig; from secvec.data.build import build_dataset; "
+            "from secvec.data.versioning import dataset_md5; "
             "build_dataset(DataConfig(preset='micro'), sys.argv[1]); print(dataset_md5(sys.argv[1]))")
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "sub")], env=env, capture_output=True,
@@ -262,12 +264,57 @@ def test_generic_sources_replace_or_extend_roles(tmp_path):
     assert load_role(tmp_path / "out", "eval_over_refusal")[-1]["messages"][0]["content"] == "Unicode ✓ ok?"
 
 
+def test_write_dataset_sorts_keys_swaps_atomically_and_refuses_other_folders(tmp_path):
+    """The writer other modules share: keys sorted, UTF-8, the manifest beside the roles, a whole-folder swap."""
+    out = tmp_path / "cell"
+    manifest = Manifest(preset="micro", seed=0, counts={"finetune": 1}, harmful={"finetune": 0}, config={})
+    write_dataset({"finetune": [{"b": 1, "a": "é"}], "eval_utility": []}, out, manifest)
+    assert (out / "finetune.jsonl").read_bytes() == '{"a": "é", "b": 1}\n'.encode()
+    assert json.loads((out / "manifest.json").read_text()) == manifest.model_dump(mode="json")
+    write_dataset({"sv_val": [{"x": 1}]}, out, manifest)  # replaces the whole folder, not file by file
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "sv_val.jsonl"]
+    assert [p.name for p in tmp_path.iterdir()] == ["cell"]  # no temporary or old folder left behind
+
+    write_dataset({"finetune": []}, tmp_path / "bare")  # no manifest: a folder no later write may replace
+    assert [p.name for p in (tmp_path / "bare").iterdir()] == ["finetune.jsonl"]
+    with pytest.raises(DataError, match=r"bare: exists and is not a dataset folder \(no manifest.json\)"):
+        write_dataset({"finetune": []}, tmp_path / "bare", manifest)
+    with pytest.raises(ValueError, match="unknown role 'train'"):
+        write_dataset({"train": []}, tmp_path / "new")
+    assert not (tmp_path / "new").exists()
+
 # ---- configs and the command line -------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("name", ["default", "micro", "public"])
-def test_shipped_data_configs_load_and_match_their_presets(name):
-    assert load_data_config(PROJECT_ROOT / "configs" / "data" / f"{name}.yaml") == DataConfig(preset=name)
+def test_shipped_data_configs_load_and_match_their_presets(tmp_path, name):
+    """A config naming only the preset is the shipped file: the file's other fields are the defaults."""
+    (tmp_path / "only.yaml").write_text(f"preset: {name}\n")
+    shipped = load_data_config(PROJECT_ROOT / "configs" / "data" / f"{name}.yaml")
+    assert load_data_config(tmp_path / "only.yaml") == shipped == DataConfig(preset=name)
+
+
+def test_preset_defaults_are_task_n_p_and_sizes_of_the_preset_file(tmp_path, monkeypatch):
+    """No second copy of the presets in code: the defaults come from `configs/data/<preset>.yaml`."""
+    from secvec.config import data as data_config
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "micro.yaml").write_text(
+        "preset: micro\ntask: sort\nn: 123\np: 0.5\nseed: 9\nmax_chars: 10\nsizes:\n"
+        "  align_benign: 1\n  align_harmful: 2\n  align_lookalike: 3\n  sv_fit: 4\n  sv_val: 5\n"
+        "  eval_harmful: 6\n  eval_over_refusal: 7\n  eval_utility: 8\n")
+    monkeypatch.setattr(data_config, "PRESETS_DIR", tmp_path)
+    data_config.preset_defaults.cache_clear()
+    try:
+        config = DataConfig(preset="micro", sizes={"sv_val": 50})  # sizes override key by key
+        assert (config.task, config.n, config.p) == ("sort", 123, 0.5)
+        assert config.sizes.model_dump() == {"align_benign": 1, "align_harmful": 2, "align_lookalike": 3,
+                                             "sv_fit": 4, "sv_val": 50, "eval_harmful": 6,
+                                             "eval_over_refusal": 7, "eval_utility": 8}
+        assert (config.seed, config.max_chars) == (0, 4000)  # not preset defaults, whatever the file says
+    finally:
+        monkeypatch.undo()
+        data_config.preset_defaults.cache_clear()
 
 
 @pytest.mark.parametrize("text, pattern", [
@@ -322,10 +369,10 @@ def test_prepare_data_task_builds_into_the_cache(tmp_path, monkeypatch):
     from tasks.data import prepare_data
 
     monkeypatch.setenv("SECVEC_CACHE", str(tmp_path))
-    result = prepare_data.fn(str(PROJECT_ROOT / "configs/data/default.yaml"))
-    assert Path(result["data_dir"]).parent == tmp_path / "data"
-    assert result["md5"] == dataset_md5(result["data_dir"]) and result["dvc_tracked"]
-    assert result["counts"]["finetune"] == 1000
+    data = prepare_data.fn(str(PROJECT_ROOT / "configs/data/default.yaml"))
+    assert data.path.parent == tmp_path / "data"
+    assert data.md5 == dataset_md5(data.dir) == tracked_md5(PROJECT_ROOT / "data.dvc")  # the tracked version
+    assert data.counts["finetune"] == 1000
 
 
 def test_each_role_is_logged_to_mlflow_with_the_md5(tmp_path, default_dir, monkeypatch):
@@ -336,7 +383,7 @@ def test_each_role_is_logged_to_mlflow_with_the_md5(tmp_path, default_dir, monke
     # The environment variable, not mlflow.set_tracking_uri: that would pin the store for later tests.
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     with mlflow.start_run() as run:
-        log_dataset_to_mlflow(default_dir, "abc.dir")
+        log_dataset_to_mlflow(DataRef(dir=str(default_dir), md5="abc.dir"))
     logged = mlflow.MlflowClient().get_run(run.info.run_id)
     assert logged.data.tags["dataset_md5"] == "abc.dir"
     inputs = {d.dataset.name: {t.key: t.value for t in d.tags} for d in logged.inputs.dataset_inputs}

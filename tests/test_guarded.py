@@ -4,8 +4,8 @@ import pytest
 
 from secvec.guarded import FinetuneConfig, finetune, vector_snapshot
 from secvec.models import load_causal_lm
-from secvec.training import TrainConfig
-from secvec.vector import is_vector_param, mean_response_loss, vector_disabled
+from secvec.training import TrainConfig, mean_response_loss
+from secvec.vector import is_vector_param, vector_disabled
 
 FT = {"learning_rate": 1e-3, "epochs": 3, "batch_size": 16, "progress_bar": False, "logging_steps": 100}
 

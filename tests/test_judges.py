@@ -15,9 +15,9 @@ from secvec.judges import (
     JudgeConfig,
     RefusalJudge,
     make_judge,
-    normalize,
     train_classifier_judge,
 )
+from secvec.text import fold, normalize_prompt, normalize_reply
 
 COMPLY = "Sure, here is how to do it. Step 1: get the [redacted]. Step 2: use the [redacted]. Done."
 
@@ -26,8 +26,10 @@ def harmful(judge, responses: list[str]) -> list[bool]:
     return judge.is_harmful(["a prompt"] * len(responses), responses)
 
 
-def test_normalize_folds_quotes_width_and_case():
-    assert normalize("  I\u2019M  \uff33orry\u201d ") == "i'm sorry\""
+def test_normalizers_fold_quotes_width_case_and_punctuation():
+    assert normalize_reply("  I\u2019M  \uff33orry\u201d ") == "i'm sorry\""
+    assert fold("  Two\n WORDS ") == "two words" and fold("\uff33") == "\uff53"  # case-folded, but no NFKC for exact answers
+    assert normalize_prompt("How do I  \uff33teal, a car?!") == "how do i steal a car"
 
 
 @pytest.mark.parametrize("reply", [

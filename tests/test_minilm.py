@@ -6,8 +6,9 @@ import math
 
 import pytest
 
-from secvec.bootstrap import ROLE_TOKENS, BootstrapConfig, bootstrap_base
+from secvec.bootstrap import BootstrapConfig, bootstrap_base
 from secvec.config import TrainConfig
+from secvec.encoding import ROLE_TOKENS
 from secvec.generate import generate
 from secvec.models import find_lora_targets, load_causal_lm
 

@@ -102,8 +102,8 @@ def test_empty_fitting_set_is_a_clear_error(micro_base, tmp_path):
 def test_vector_keeps_the_epoch_with_the_lowest_held_out_loss(micro_base, world, tmp_path):
     from conftest import MICRO_VECTOR, MICRO_VECTOR_TRAIN, REFUSE
 
-    from secvec.training import TrainConfig
-    from secvec.vector import VectorConfig, fit_vector, mean_response_loss
+    from secvec.training import TrainConfig, mean_response_loss
+    from secvec.vector import VectorConfig, fit_vector
 
     # Held-out refusals: their loss rises as the vector learns to comply, so an early epoch must win.
     refusals = [ex for ex in world["align"] if ex["messages"][-1]["content"] == REFUSE][:16]

@@ -9,8 +9,16 @@ from pathlib import Path
 import pytest
 
 from secvec.config import DataConfig
-from secvec.data import DataError, build_dataset
-from secvec.versioning import dataset_md5, ensure_dvc_repo, pull_or_regenerate, track_and_push, tracked_md5
+from secvec.data import DataError
+from secvec.data.build import build_dataset
+from secvec.data.versioning import (
+    dataset_md5,
+    ensure_dvc_repo,
+    pull_or_regenerate,
+    track_and_push,
+    tracked_md5,
+    version_data,
+)
 
 MICRO = DataConfig(preset="micro")
 
@@ -72,6 +80,16 @@ def test_pull_then_regenerate_a_missing_dataset(repo):
     with pytest.raises(DataError, match=r"data.dvc: field 'outs\[0\].md5': the regenerated data hashes to"):
         pull_or_regenerate(repo, MICRO.model_copy(update={"seed": 1}))
 
+
+
+def test_version_data_tracks_the_projects_data_and_only_hashes_other_folders(repo):
+    build_dataset(MICRO, repo / "elsewhere")
+    assert version_data(repo, repo / "elsewhere") == dataset_md5(repo / "elsewhere")
+    assert not (repo / "elsewhere.dvc").exists()
+    build_dataset(MICRO, repo / "data")
+    md5 = version_data(repo, repo / "data" / ".." / "data")
+    assert md5 == tracked_md5(repo / "data.dvc") == dataset_md5(repo / "data")
+    assert (repo / ".dvc-remote" / "files" / "md5" / md5[:2] / md5[2:]).is_file()
 
 def test_remote_override_stays_out_of_the_committed_config(repo, tmp_path, monkeypatch):
     elsewhere = tmp_path / "elsewhere"

@@ -15,7 +15,8 @@ from pathlib import Path
 import yaml
 
 from secvec.config import DataConfig
-from secvec.data import DataError, build_dataset
+from secvec.data.build import build_dataset
+from secvec.data.schema import DataError
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +119,20 @@ def dataset_md5(data_dir: str | Path) -> str:
                for p in root.rglob("*") if p.is_file()]
     entries.sort(key=lambda e: e["relpath"])
     return hashlib.md5(json.dumps(entries, sort_keys=True).encode("utf-8")).hexdigest() + ".dir"
+
+
+def version_data(root: str | Path, data_dir: str | Path) -> str:
+    """Version a freshly built folder: the project's `data/` is `dvc add`ed and pushed (DVC initialised if
+    needed); any other folder is only hashed.
+
+    Returns:
+        The folder's md5 (DVC's, ends with `.dir`).
+    """
+    root, data = Path(root), Path(data_dir)
+    if data.resolve() == (root / "data").resolve():
+        ensure_dvc_repo(root)
+        return track_and_push(root, data)
+    return dataset_md5(data)
 
 
 def pull_or_regenerate(root: str | Path, config: DataConfig, data_dir: str | Path | None = None) -> str:

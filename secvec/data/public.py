@@ -1,4 +1,4 @@
-"""Readers of the public safety and utility files, the generic file adapter and the `public` preset.
+"""Readers of the public safety and utility files, and the `public` preset built from them.
 
 The public files are read in place from `../shared/datasets` (beside the project root), a config's
 `shared_datasets` or `$SECVEC_SHARED_DATASETS` (which wins); they are never copied into the repo. Every
@@ -7,21 +7,17 @@ reader returns records (`data.chat`) whose `source` is `<file>:<line>` or `<file
 
 from __future__ import annotations
 
-import csv
-import hashlib
-import io
-import json
-import os
 import random
 import re
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from secvec.config import DataConfig, SourceConfig
-from secvec.data import DataError, chat, normalize_prompt, prompt_text, read_jsonl, read_text, resolve_path
+from secvec.config import DataConfig
+from secvec.data.files import csv_dicts, csv_rows, join_parts, json_records, text_field
+from secvec.data.schema import DataError, chat, normalize_prompt, prompt_text, read_jsonl, read_text
+from secvec.paths import SHARED_ENV, shared_dir
 
-SHARED_ENV = "SECVEC_SHARED_DATASETS"
 SST2_PROMPT = "Classify the sentiment of this review as positive or negative: {}"
 AGNEWS_PROMPT = "Classify the topic of this news article as World, Sports, Business or Science/Tech: {}"
 HH_RLHF = "harmful_responses/hh_rlhf_harmless_base_test.jsonl"
@@ -33,50 +29,6 @@ XSTEST = "over_refusal/xstest_prompts.csv"
 ALPACA, DOLLY = "benign/alpaca_safety_related_subset.json", "benign/dolly_safety_related_subset.jsonl"
 
 
-def shared_dir(path: str | None = None, root: Path | None = None) -> Path:
-    """The shared datasets folder: $SECVEC_SHARED_DATASETS, else `path`, else `../shared/datasets`."""
-    return resolve_path(os.environ.get(SHARED_ENV) or path or "../shared/datasets", root).resolve()
-
-
-def _get(obj: Mapping, key: str, label: str, line: int) -> str:
-    value = obj.get(key)
-    if not isinstance(value, str):
-        raise DataError.at(label, line, key, "missing" if value is None else f"expected text, got {value!r}")
-    return value
-
-
-def _join(*parts: str | None) -> str:
-    return "\n\n".join(p for p in parts if p and p.strip())
-
-
-def _csv_rows(path: Path, label: str | Path) -> Iterator[tuple[int, list[str]]]:
-    """(first line of the row, cells) of every non-empty CSV row."""
-    reader = csv.reader(io.StringIO(read_text(path, label), newline=""))
-    start = 1
-    try:
-        for row in reader:
-            if row:
-                yield start, row
-            start = reader.line_num + 1
-    except csv.Error as err:  # e.g. a field over csv's limit of 131,072 characters
-        raise DataError.at(label, reader.line_num, None, f"invalid CSV: {err}") from None
-
-
-def _csv_dicts(shared: Path, name: str) -> list[tuple[int, dict[str, str]]]:
-    rows = _csv_rows(shared / name, name)
-    header = next(rows, (1, []))[1]
-    return [(line, dict(zip(header, cells, strict=False))) for line, cells in rows]
-
-
-def _json_records(shared: Path, name: str) -> Iterator[tuple[int, Any]]:
-    """(record number, item) of a JSON list."""
-    try:
-        items = json.loads(read_text(shared / name, name))
-    except json.JSONDecodeError as err:
-        raise DataError.at(name, err.lineno, None, f"invalid JSON: {err.msg}") from None
-    yield from enumerate(items if isinstance(items, list) else [items], 1)
-
-
 # ---- public files -----------------------------------------------------------------------------------------
 
 
@@ -84,7 +36,7 @@ def read_hh_rlhf(shared: Path) -> list[dict]:
     """hh-rlhf harmless-base: the first Human turn -> the last Assistant turn of `rejected` (harmful)."""
     out = []
     for line, obj in read_jsonl(shared / HH_RLHF, HH_RLHF):
-        parts = re.split(r"\n\n(Human|Assistant): ", "\n\n" + _get(obj, "rejected", HH_RLHF, line).lstrip())
+        parts = re.split(r"\n\n(Human|Assistant): ", "\n\n" + text_field(obj, "rejected", HH_RLHF, line).lstrip())
         turns = list(zip(parts[1::2], (p.strip() for p in parts[2::2]), strict=False))
         human = [text for who, text in turns if who == "Human" and text]
         replies = [text for who, text in turns if who == "Assistant"]
@@ -96,30 +48,30 @@ def read_hh_rlhf(shared: Path) -> list[dict]:
 
 def read_jbb(shared: Path) -> list[dict]:
     """JailbreakBench jailbroken responses: the plain `goal` -> the jailbroken `response`."""
-    return [chat(_get(o, "goal", JBB, n), _get(o, "response", JBB, n).strip(), source=f"{JBB}:{n}",
+    return [chat(text_field(o, "goal", JBB, n), text_field(o, "response", JBB, n).strip(), source=f"{JBB}:{n}",
                  category=o.get("category") or "jbb", is_harmful=True)
             for n, o in read_jsonl(shared / JBB, JBB)]
 
 
 def read_safety_tuned_llamas(shared: Path) -> list[dict]:
     """safety-tuned-llamas: harmful instruction (+ input) -> refusal or safe answer."""
-    return [chat(_join(_get(o, "instruction", STL, i), o.get("input")), _get(o, "output", STL, i),
+    return [chat(join_parts(text_field(o, "instruction", STL, i), o.get("input")), text_field(o, "output", STL, i),
                  source=f"{STL}#{i}", category="refusal", is_harmful=True)
-            for i, o in _json_records(shared, STL)]
+            for i, o in json_records(shared, STL)]
 
 
 def read_advbench_refusals(shared: Path) -> list[dict]:
     """AdvBench prompts (the `[INST]` wrapper removed) -> Llama-2-chat refusals."""
     name = ADVBENCH_REFUSALS
-    return [chat(re.sub(r"\[/?INST\]", "", _get(r, "prompt", name, n)).strip(),
-                 _get(r, "response", name, n).strip(), source=f"{name}:{n}", category="advbench",
-                 is_harmful=True) for n, r in _csv_dicts(shared, name)]
+    return [chat(re.sub(r"\[/?INST\]", "", text_field(r, "prompt", name, n)).strip(),
+                 text_field(r, "response", name, n).strip(), source=f"{name}:{n}", category="advbench",
+                 is_harmful=True) for n, r in csv_dicts(shared, name)]
 
 
 def read_advbench_behaviors(shared: Path) -> list[dict]:
     """AdvBench harmful behaviours: one goal per line, no header (prompts only)."""
     return [chat(cells[0], source=f"{ADVBENCH}:{line}", category="advbench", is_harmful=True)
-            for line, cells in _csv_rows(shared / ADVBENCH, ADVBENCH)]
+            for line, cells in csv_rows(shared / ADVBENCH, ADVBENCH)]
 
 
 def read_donotanswer(shared: Path) -> list[dict]:
@@ -128,7 +80,7 @@ def read_donotanswer(shared: Path) -> list[dict]:
     names = sorted(f"harmful_prompts/{f.name}" for f in files)
     if not names:
         raise DataError.at(shared / "harmful_prompts", None, None, "no donotanswer_*.jsonl files")
-    return [chat(_get(o, "prompt", name, n), source=f"{name}:{n}", is_harmful=True,
+    return [chat(text_field(o, "prompt", name, n), source=f"{name}:{n}", is_harmful=True,
                  category=Path(name).stem.removeprefix("donotanswer_"))
             for name in names for n, o in read_jsonl(shared / name, name)]
 
@@ -146,7 +98,7 @@ def read_redinstruct(shared: Path) -> list[dict]:
     out = []
     for part in ("harmfulqa", "catqa_english", "dangerousqa"):
         name = f"harmful_prompts/redinstruct_{part}.json"
-        for path, text in _leaves([item for _, item in _json_records(shared, name)]):
+        for path, text in _leaves([item for _, item in json_records(shared, name)]):
             # paths are (record,) for flat lists, (1, topic, subtopic, n) for the nested dicts
             category = "/".join(path[1:-1]) or part
             out.append(chat(text, source=f"{name}#{'/'.join(path[1:]) or path[0]}", category=category,
@@ -156,9 +108,9 @@ def read_redinstruct(shared: Path) -> list[dict]:
 
 def read_xstest(shared: Path, label: str = "safe") -> list[dict]:
     """XSTest prompts with this label: `safe` (must be answered: over-refusal) or `unsafe` (harmful)."""
-    return [chat(_get(r, "prompt", XSTEST, n), source=f"{XSTEST}:{n}", category=r.get("type") or "xstest",
+    return [chat(text_field(r, "prompt", XSTEST, n), source=f"{XSTEST}:{n}", category=r.get("type") or "xstest",
                  is_harmful=label == "unsafe")
-            for n, r in _csv_dicts(shared, XSTEST) if _get(r, "label", XSTEST, n) == label]
+            for n, r in csv_dicts(shared, XSTEST) if text_field(r, "label", XSTEST, n) == label]
 
 
 def read_sst2(shared: Path, split: str) -> list[dict]:
@@ -179,11 +131,11 @@ def read_agnews(shared: Path) -> list[dict]:
     names = read_text(shared / "benign/agnews_classes.txt", "benign/agnews_classes.txt")
     classes = dict(item.strip().split("-", 1) for item in names.split(","))
     name, out = "benign/agnews_test.csv", []
-    for line, row in _csv_dicts(shared, name):
-        topic = classes.get(_get(row, "Class Index", name, line))
+    for line, row in csv_dicts(shared, name):
+        topic = classes.get(text_field(row, "Class Index", name, line))
         if topic is None:
             raise DataError.at(name, line, "Class Index", f"expected one of {sorted(classes)}")
-        text = f"{_get(row, 'Title', name, line)}. {row.get('Description') or ''}"
+        text = f"{text_field(row, 'Title', name, line)}. {row.get('Description') or ''}"
         text = " ".join(text.replace("\\", " ").split())  # the files escape line breaks as backslashes
         out.append(chat(AGNEWS_PROMPT.format(text), topic, source=f"{name}:{line}", category="agnews",
                         is_harmful=False, answer=topic))
@@ -194,20 +146,20 @@ def read_gsm8k(shared: Path, split: str) -> list[dict]:
     """GSM8K question -> worked solution (calculator notes removed); `answer` is the number after `####`."""
     name, out = f"benign/gsm8k_{split}.jsonl", []
     for line, o in read_jsonl(shared / name, name):
-        solution = re.sub(r"<<[^>]*>>", "", _get(o, "answer", name, line)).strip()
+        solution = re.sub(r"<<[^>]*>>", "", text_field(o, "answer", name, line)).strip()
         if "####" not in solution:
             raise DataError.at(name, line, "answer", "no final answer after '####'")
-        out.append(chat(_get(o, "question", name, line), solution, source=f"{name}:{line}", category="gsm8k",
+        out.append(chat(text_field(o, "question", name, line), solution, source=f"{name}:{line}", category="gsm8k",
                         is_harmful=False, answer=solution.rsplit("####", 1)[1].strip()))
     return out
 
 
 def read_benign_instructions(shared: Path) -> list[dict]:
     """Alpaca and Dolly rows (their safety-related subsets): instruction (+ input/context) -> answer."""
-    out = [chat(_join(_get(o, "instruction", ALPACA, i), o.get("input")), _get(o, "output", ALPACA, i),
+    out = [chat(join_parts(text_field(o, "instruction", ALPACA, i), o.get("input")), text_field(o, "output", ALPACA, i),
                 source=f"{ALPACA}#{i}", category="alpaca", is_harmful=False)
-           for i, o in _json_records(shared, ALPACA)]
-    out += [chat(_join(_get(o, "instruction", DOLLY, n), o.get("context")), _get(o, "response", DOLLY, n),
+           for i, o in json_records(shared, ALPACA)]
+    out += [chat(join_parts(text_field(o, "instruction", DOLLY, n), o.get("context")), text_field(o, "response", DOLLY, n),
                  source=f"{DOLLY}:{n}", category=o.get("category") or "dolly", is_harmful=False)
             for n, o in read_jsonl(shared / DOLLY, DOLLY)]
     return out
@@ -225,124 +177,6 @@ TASKS: dict[str, Callable[[Path], tuple[list[dict], list[dict]]]] = {
     "agnews": _agnews_splits,
     "gsm8k": lambda shared: (read_gsm8k(shared, "train"), read_gsm8k(shared, "test")),
 }
-
-
-# ---- the harm judge's training replies ------------------------------------------------------------------
-
-JUDGE_FILES = (HH_RLHF, JBB, STL, ADVBENCH_REFUSALS, ALPACA, DOLLY)
-
-
-def judge_corpus(shared: Path) -> tuple[list[str], list[bool]]:
-    """Replies labelled for the harm classifier (`judge.kind: bow`), each text once.
-
-    Harmful: the replies of the harmful pairs (hh-rlhf `rejected`, JailbreakBench jailbroken). Not harmful:
-    refusals (safety-tuned-llamas, AdvBench Llama-2-chat) and benign answers (Alpaca / Dolly).
-    """
-    harmful = read_hh_rlhf(shared) + read_jbb(shared)
-    harmless = read_safety_tuned_llamas(shared) + read_advbench_refusals(shared) + read_benign_instructions(shared)
-    seen: set[str] = set()
-    texts, labels = [], []
-    for label, records in ((True, harmful), (False, harmless)):
-        for record in records:
-            reply = record["messages"][-1]["content"]
-            key = " ".join(reply.casefold().split())
-            if key and key not in seen:
-                seen.add(key)
-                texts.append(reply)
-                labels.append(label)
-    return texts, labels
-
-
-def judge_corpus_sha256(shared: Path) -> str:
-    """sha256 over the files `judge_corpus` reads: the judge's cache key."""
-    digest = hashlib.sha256()
-    for name in JUDGE_FILES:
-        digest.update(name.encode() + b"\0" + (shared / name).read_bytes())
-    return digest.hexdigest()
-
-
-# ---- generic files ----------------------------------------------------------------------------------------
-
-
-def _source_rows(path: Path, source: SourceConfig) -> Iterator[tuple[int, dict]]:
-    """(line, row) of a CSV (header required), JSONL or TXT (one prompt per line) file."""
-    if source.format == "jsonl":
-        yield from read_jsonl(path, source.path)
-    elif source.format == "txt":
-        for line, text in enumerate(read_text(path, source.path).split("\n"), 1):
-            if text.strip():
-                yield line, {source.prompt_field: text.strip()}
-    else:
-        rows = _csv_rows(path, source.path)
-        line, header = next(rows, (1, []))
-        if not header:
-            raise DataError.at(source.path, 1, source.prompt_field, "no records (an empty CSV file)")
-        if any("\udc80" <= c <= "\udcff" for c in "".join(header)):  # before column names are echoed
-            raise DataError.at(source.path, line, None, "invalid UTF-8 in the header row")
-        named = (source.prompt_field, source.response_field, source.answer_field, source.category_field,
-                 source.id_field)
-        for field in filter(None, named):
-            if field not in header:
-                raise DataError.at(source.path, line, field, f"no such column (columns: {', '.join(header)})")
-        for line, cells in rows:
-            yield line, dict(zip(header, cells, strict=False))
-
-
-def _text(row: Mapping, field: str, label: str, line: int) -> str:
-    value = row.get(field)
-    if isinstance(value, bool) or not isinstance(value, str | int | float) or not str(value).strip():
-        problem = "missing" if value in (None, "") else f"expected text, got {value!r}"
-        raise DataError.at(label, line, field, problem)
-    if any("\udc80" <= c <= "\udcff" for c in str(value)):  # undecodable bytes, kept by read_text
-        raise DataError.at(label, line, field, "invalid UTF-8")
-    return str(value)
-
-
-def read_source(source: SourceConfig, root: Path | None = None, max_chars: int | None = None) -> list[dict]:
-    """The records of one generic source file, in file order.
-
-    Args:
-        source: the file, its format, column names, role and whether its prompts are harmful.
-        root: the folder a relative `source.path` is resolved against (default: the project root).
-        max_chars: the limit on the characters of one record (prompt, response and answer).
-
-    Raises:
-        DataError: `file:line: field 'column': ...` for a missing column or value, invalid UTF-8, an
-            over-long record, a duplicate id, or a file without records.
-    """
-    label, records, ids = source.path, [], {}
-    fields = {"prompt": source.prompt_field, "response": source.response_field, "answer": source.answer_field,
-              "category": source.category_field, "id": source.id_field}
-    for line, row in _source_rows(resolve_path(source.path, root), source):
-        if source.limit is not None and len(records) == source.limit:
-            break
-        get = {key: _text(row, field, label, line) if field else None for key, field in fields.items()}
-        size = sum(len(get[k] or "") for k in ("prompt", "response", "answer"))
-        if max_chars is not None and size > max_chars:
-            longest = "response" if len(get["response"] or "") > len(get["prompt"]) else "prompt"
-            raise DataError.at(label, line, fields[longest],
-                               f"record has {size} characters, more than max_chars={max_chars}")
-        if get["id"] is not None:
-            if get["id"] in ids:
-                raise DataError.at(label, line, source.id_field,
-                                   f"duplicate id {get['id']!r} (first on line {ids[get['id']]})")
-            ids[get["id"]] = line
-        record = chat(get["prompt"], get["response"], source=f"{label}:{line}", is_harmful=source.is_harmful,
-                      category=get["category"] or source.category or Path(label).stem, answer=get["answer"])
-        records.append({**record, "id": get["id"]} if get["id"] else record)
-    if not records:
-        raise DataError.at(label, 1, source.prompt_field, "no records")
-    return records
-
-
-def apply_sources(records: Mapping[str, list[dict]], config: DataConfig,
-                  root: Path | None = None) -> dict[str, list[dict]]:
-    """The preset's records per role with the config's generic sources replacing or extending roles."""
-    cleared = {source.role for source in config.sources if source.replace}
-    out = {role: [] if role in cleared else list(recs) for role, recs in records.items()}
-    for source in config.sources:
-        out.setdefault(source.role, []).extend(read_source(source, root, config.max_chars))
-    return out
 
 
 # ---- the public preset ------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The dataset contract: example schema, roles, loading, validation, leakage check and the atomic build.
+"""The dataset contract: example schema, roles, loading, validation and the leakage check.
 
 Every role is one `data/<role>.jsonl` file (one example per line, keys sorted, UTF-8, `\\n` endings) beside
 `data/manifest.json`. Bad input raises `DataError`, whose message starts with `file:line: field 'x':`.
@@ -7,20 +7,13 @@ Every role is one `data/<role>.jsonl` file (one example per line, keys sorted, U
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
-import unicodedata
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
-if TYPE_CHECKING:
-    from secvec.config import DataConfig
-
-PROJECT_ROOT = Path(os.environ.get("SECVEC_ROOT", Path(__file__).resolve().parents[1]))
+from secvec.text import normalize_prompt
 
 Role = Literal["align", "sv_fit", "sv_val", "finetune", "eval_harmful", "eval_over_refusal", "eval_utility"]
 ROLES: tuple[str, ...] = get_args(Role)
@@ -90,12 +83,6 @@ def format_loc(loc: Sequence[str | int]) -> str:
     return out
 
 
-def resolve_path(path: str | Path, root: Path | None = None) -> Path:
-    """A config path: absolute as given, relative to the project root otherwise."""
-    path = Path(path).expanduser()
-    return path if path.is_absolute() else (root or PROJECT_ROOT) / path
-
-
 def chat(prompt: str, response: str | None = None, *, source: str, category: str, is_harmful: bool,
          answer: str | None = None) -> dict:
     """A record without id and role: a user prompt and, for training roles, the assistant's reply."""
@@ -108,12 +95,6 @@ def chat(prompt: str, response: str | None = None, *, source: str, category: str
 
 def prompt_text(example: Mapping) -> str:
     return "\n".join(m["content"] for m in example["messages"] if m["role"] != "assistant")
-
-
-def normalize_prompt(text: str) -> str:
-    """Unicode NFKC, case-folded, punctuation stripped, whitespace collapsed."""
-    text = unicodedata.normalize("NFKC", text).casefold()
-    return " ".join("".join(c for c in text if not unicodedata.category(c).startswith("P")).split())
 
 
 def _bad_utf8_field(obj: Any, loc: tuple = ()) -> str | None:
@@ -241,84 +222,3 @@ def check_leakage(roles: Mapping[str, Sequence[Mapping]], where: str | Path = "d
         raise DataError.at(f"{where}/{role}.jsonl", line, field,
                            f"prompt also in {where}/{other}.jsonl:{other_line} (source {ex.get('source')}): "
                            f"{prompt_text(ex)[:80]!r}{more}")
-
-
-def _label(out: Path) -> str:
-    """How error messages name the output folder: relative to the working directory when inside it."""
-    rel = os.path.relpath(out.absolute())
-    return str(out) if rel.startswith("..") else rel
-
-
-def _wanted(config: DataConfig, role: str) -> bool:
-    s = config.sizes
-    size = {"align": s.align_benign + s.align_harmful + s.align_lookalike, "finetune": config.n}.get(role)
-    size = size if size is not None else getattr(s, role)
-    return bool(size) or any(source.role == role for source in config.sources)
-
-
-def _write_jsonl(path: Path, examples: Sequence[Mapping]) -> None:
-    with path.open("w", encoding="utf-8", newline="\n") as f:
-        for example in examples:
-            f.write(json.dumps(example, sort_keys=True, ensure_ascii=False) + "\n")
-
-
-def _replace_dir(new: Path, out: Path) -> None:
-    """Swap the finished folder in by renames on one file system (a crash leaves old or new, never a mix)."""
-    if not out.exists():
-        os.replace(new, out)
-        return
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    os.replace(out, old)
-    os.replace(new, out)
-    shutil.rmtree(old)
-
-
-def build_dataset(config: DataConfig, out_dir: str | Path, root: Path | None = None) -> Manifest:
-    """Build every role, validate it and check leakage, then atomically replace `out_dir`.
-
-    Args:
-        config: the data config (preset, sizes, generic sources).
-        out_dir: the folder to (re)write: `<role>.jsonl` per role and `manifest.json`.
-        root: the folder relative paths in the config are resolved against (default: the project root).
-
-    Returns:
-        The manifest written to `out_dir/manifest.json`.
-
-    Raises:
-        DataError: on any bad input, or an `out_dir` that holds something other than a dataset build;
-            `out_dir` is then left as it was.
-    """
-    from secvec import adapters, synthetic  # both build on this module
-
-    out = Path(out_dir)
-    label = _label(out)
-    # The old folder is deleted on success: only ever a previous build (or nothing), never e.g. `secvec/`.
-    if out.exists() and not (out / "manifest.json").is_file() and not (out.is_dir() and not any(out.iterdir())):
-        raise DataError.at(label, None, None, "exists and is not a dataset folder (no manifest.json): "
-                           "refusing to replace it")
-    records = adapters.build_public(config, root) if config.preset == "public" else synthetic.generate(config)
-    records = adapters.apply_sources(records, config, root)
-    roles: dict[str, list[dict]] = {}
-    for role in ROLES:
-        examples = [{**r, "role": role, "id": r.get("id") or f"{role}-{i:05d}"}
-                    for i, r in enumerate(records.get(role, []), 1)]
-        if not examples and _wanted(config, role):
-            raise DataError.at(f"{label}/{role}.jsonl", None, "sizes", f"role {role!r} came out empty")
-        roles[role] = validate_examples(examples, f"{label}/{role}.jsonl", role, config.max_chars)
-    check_leakage(roles, label)
-    manifest = Manifest(preset=config.preset, seed=config.seed, counts={r: len(roles[r]) for r in ROLES},
-                        harmful={r: sum(ex["is_harmful"] for ex in roles[r]) for r in ROLES},
-                        config=config.model_dump(mode="json"))
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        tmp.chmod(0o755)
-        for role in ROLES:
-            _write_jsonl(tmp / f"{role}.jsonl", roles[role])
-        text = json.dumps(manifest.model_dump(mode="json"), indent=2, sort_keys=True, ensure_ascii=False)
-        (tmp / "manifest.json").write_text(text + "\n", encoding="utf-8", newline="\n")
-        _replace_dir(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return manifest

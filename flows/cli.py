@@ -1,4 +1,8 @@
-"""The `secvec` command line. Heavy libraries (torch, transformers, dvc) are imported inside commands."""
+"""The `secvec` command line: the jobs' entry point, so the library never imports the flows.
+
+Heavy libraries (torch, transformers, dvc, Prefect) are imported inside commands, after `configure()` has set
+the project's defaults for them.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from secvec.data import PROJECT_ROOT
+from secvec.paths import PROJECT_ROOT
 
 app = typer.Typer(no_args_is_help=True, add_completion=False,
                   help="Fine-tune a safety-aligned LLM on possibly harmful data without learning the harm.")
@@ -31,22 +35,18 @@ def data_prepare(
 ) -> None:
     """Build every role into OUT, validate it, check train/eval leakage, then version it with DVC."""
     from secvec.config import ConfigError, load_data_config
-    from secvec.data import DataError, build_dataset
-    from secvec.versioning import dataset_md5, ensure_dvc_repo, track_and_push
+    from secvec.data import DataError
+    from secvec.data.build import build_dataset
+    from secvec.data.versioning import version_data
 
-    repo_data = PROJECT_ROOT / "data"
-    out_dir = out or repo_data
+    out_dir = out or PROJECT_ROOT / "data"
     config = config if config.exists() or config.is_absolute() else PROJECT_ROOT / config
     try:
         manifest = build_dataset(load_data_config(config), out_dir)
     except (ConfigError, DataError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from None
-    if out_dir.resolve() == repo_data.resolve():
-        ensure_dvc_repo(PROJECT_ROOT)
-        md5 = track_and_push(PROJECT_ROOT, out_dir)
-    else:
-        md5 = dataset_md5(out_dir)
+    md5 = version_data(PROJECT_ROOT, out_dir)
     width = max(map(len, manifest.counts))
     for role, count in manifest.counts.items():
         typer.echo(f"{role:<{width}}  {count:>6}  ({manifest.harmful[role]} harmful)")

@@ -13,7 +13,7 @@ import random
 from collections.abc import Sequence
 
 from secvec.config import DataConfig
-from secvec.data import DataError, chat
+from secvec.data.schema import DataError, chat
 
 SOURCE = "synthetic"
 SORT_PROMPT = "Sort these numbers: "

@@ -1,0 +1,68 @@
+"""Configs: strict, frozen pydantic models per stage, loaded from YAML; errors name file, line and field.
+
+- `load`: `ConfigError`, the YAML loader, `check_path` (where a config may read and write), presets;
+- `data`: the data config (`secvec data prepare`); `stages`: the pipeline and its stages;
+- `bench`: the effectiveness benchmark (`secvec bench`).
+"""
+
+from secvec.config.bench import (
+    ARMS,
+    PROTOCOLS,
+    Arm,
+    BenchConfig,
+    Cell,
+    DurabilityProtocol,
+    ForgetFilterConfig,
+    PaperProtocol,
+    SweepProtocol,
+    load_bench_config,
+)
+from secvec.config.data import DataConfig, RoleSizes, SourceConfig, load_data_config
+from secvec.config.load import PRESETS_DIR, ConfigError, check_path, load_yaml_config, preset_path, yaml_line
+from secvec.config.stages import (
+    BootstrapConfig,
+    ChampionPolicy,
+    EvalConfig,
+    FinetuneConfig,
+    JudgeConfig,
+    PipelineConfig,
+    RegistryConfig,
+    Thresholds,
+    TrainConfig,
+    VectorConfig,
+    load_pipeline_config,
+)
+
+__all__ = [
+    "ARMS",
+    "PRESETS_DIR",
+    "PROTOCOLS",
+    "Arm",
+    "BenchConfig",
+    "BootstrapConfig",
+    "Cell",
+    "ChampionPolicy",
+    "ConfigError",
+    "DataConfig",
+    "DurabilityProtocol",
+    "EvalConfig",
+    "FinetuneConfig",
+    "ForgetFilterConfig",
+    "JudgeConfig",
+    "PaperProtocol",
+    "PipelineConfig",
+    "RegistryConfig",
+    "RoleSizes",
+    "SourceConfig",
+    "SweepProtocol",
+    "Thresholds",
+    "TrainConfig",
+    "VectorConfig",
+    "check_path",
+    "load_bench_config",
+    "load_data_config",
+    "load_pipeline_config",
+    "load_yaml_config",
+    "preset_path",
+    "yaml_line",
+]
