@@ -20,7 +20,7 @@ from prefect.task_runners import ProcessPoolTaskRunner
 
 from flows.environment import one_prefect_server
 from flows.pipeline import resolve_base
-from secvec.bench.cells import Job, finetune_configs, plan_jobs, pool_sizes
+from secvec.bench.cells import Job, finetune_configs, plan_jobs, pool_sizes, vector_config
 from secvec.bench.immunization import arm_record, unseen_rate, with_immunization
 from secvec.bench.tables import headline_rows, mlflow_metrics, summarize, target_tags, write_tables
 from secvec.config import (
@@ -68,9 +68,7 @@ class Bench:
 
     def vector(self, seed: int):
         """The security vector fitted with this seed (seed 0 is the pipeline's own: the same stage, inputs)."""
-        vec = self.pipe.vector
-        return fit_security_vector(self.base, self.data, vec.model_copy(
-            update={"train": vec.train.model_copy(update={"seed": seed})})).vector
+        return fit_security_vector(self.base, self.data, vector_config(self.pipe.vector, seed)).vector
 
 
 def run_job(bench: Bench, job: Job, pool: DataRef) -> list[dict]:

@@ -11,12 +11,20 @@ from pathlib import Path
 
 import pytest
 
-from secvec.bench.cells import compose_cell, expand_cells, plan_jobs, pool_sizes
+from secvec.bench.cells import (
+    compose_cell,
+    expand_cells,
+    finetune_configs,
+    plan_jobs,
+    pool_sizes,
+    vector_config,
+)
 from secvec.bench.forgetfilter import forget_filter, forgetting, rouge1
 from secvec.bench.immunization import immunization, unseen_rate
 from secvec.bench.tables import aggregate, check_targets
-from secvec.config import ARMS, BenchConfig, FinetuneConfig, load_bench_config
+from secvec.config import ARMS, BenchConfig, FinetuneConfig, load_bench_config, load_pipeline_config
 from secvec.data import chat
+from secvec.refs import DataRef, ModelRef
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -98,6 +106,24 @@ def test_bench_config_cells():
         expand_cells(BenchConfig(name="x"), ("sweeps",))
     for preset in ("quick", "default", "public"):
         assert expand_cells(load_bench_config(preset))
+
+
+def test_bench_calls_the_pipelines_vector_and_plain_stages_with_the_pipelines_inputs(tmp_path, monkeypatch):
+    """The bench's seed-0 vector is the pipeline's (same stage, same inputs: same folder and cache key), and
+    an lr x1 cell with the pipeline's epochs trains plain exactly as the pipeline's reference does."""
+    from tasks.finetune import finetune_backbone
+    from tasks.vector import fit_security_vector
+
+    monkeypatch.setenv("SECVEC_CACHE", str(tmp_path))
+    pipe, cfg = load_pipeline_config("default"), BenchConfig(name="x")  # epochs: the pipeline's
+    base, data = ModelRef(dir="/b", sha256="b"), DataRef(dir="/d", md5="d.dir")
+    assert fit_security_vector.out_dir(base, data, vector_config(pipe.vector, 0)) == \
+        fit_security_vector.out_dir(base, data, pipe.vector)
+    head = expand_cells(cfg)[0]
+    plain = finetune_configs(pipe.finetune, head, 0, cfg.epochs or pipe.finetune.train.epochs, cfg.lora_learning_rate)
+    pipeline_plain = pipe.finetune.model_copy(update={"mode": "full"})
+    assert finetune_backbone.out_dir(base, None, data, plain["full"]) == \
+        finetune_backbone.out_dir(base, None, data, pipeline_plain)
 
 
 def test_cells_that_train_alike_run_as_one_job_with_the_union_of_their_arms():

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
-from secvec.config import ARMS, PROTOCOLS, BenchConfig, Cell, DataConfig, FinetuneConfig
+from secvec.config import ARMS, PROTOCOLS, BenchConfig, Cell, DataConfig, FinetuneConfig, VectorConfig
 from secvec.data import HELD_OUT_ROLES, Manifest, check_leakage, load_role, normalize_prompt, prompt_text
 from secvec.data.build import build_dataset, write_dataset
 
@@ -47,6 +47,11 @@ def pool_sizes(cfg: BenchConfig) -> tuple[int, int]:
     of them draws the same cells as running all)."""
     cells = expand_cells(cfg)
     return max((c.harmful for c in cells), default=0), max((c.benign for c in cells), default=0)
+
+
+def vector_config(base: VectorConfig, seed: int) -> VectorConfig:
+    """The pipeline's vector fitted with this seed (seed 0 is the pipeline's own vector)."""
+    return base.model_copy(update={"train": base.train.model_copy(update={"seed": seed})})
 
 
 def finetune_configs(base: FinetuneConfig, cell: Cell, seed: int, epochs: float,
