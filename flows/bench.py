@@ -27,11 +27,14 @@ from secvec.config import (
     BenchConfig,
     EvalConfig,
     PipelineConfig,
+    RuntimeConfig,
     load_bench_config,
     load_data_config,
     load_pipeline_config,
+    with_runtime,
 )
 from secvec.data import load_role
+from secvec.device import apply_threads, pinned, resolve
 from secvec.evaluate import spread
 from secvec.paths import PROJECT_ROOT
 from secvec.refs import DataRef, ModelRef
@@ -52,6 +55,7 @@ class Bench:
     pipe: PipelineConfig
     data: DataRef
     base: ModelRef
+    runtime: RuntimeConfig  # pinned: device and precision resolved
     eval_cfg: EvalConfig
     base_metrics: dict
     base_tasks: dict
@@ -62,13 +66,16 @@ class Bench:
         return unseen_rate(metrics, self.eval_harmful, self.seen)
 
     def score(self, arm: str, label: str, model: ModelRef, cell: DataRef, **extra) -> dict:
-        metrics = evaluate(label, model, cell, self.eval_cfg)
-        tasks = score_base_tasks(label, model, self.data, self.cfg.base_task_examples)
+        metrics = evaluate(label, model, cell, self.eval_cfg, self.runtime)
+        tasks = score_base_tasks(label, model, self.data, self.cfg.base_task_examples, self.runtime)
         return arm_record(arm, metrics, tasks, self.unseen(metrics), **extra)
 
     def vector(self, seed: int):
         """The security vector fitted with this seed (seed 0 is the pipeline's own: the same stage, inputs)."""
-        return fit_security_vector(self.base, self.data, vector_config(self.pipe.vector, seed)).vector
+        return fit_security_vector(self.base, self.data, vector_config(self.pipe.vector, seed), self.runtime).vector
+
+    def finetune(self, vector, data: DataRef, cfg):
+        return finetune_backbone(self.base, vector, data, cfg, self.runtime)
 
 
 def run_job(bench: Bench, job: Job, pool: DataRef) -> list[dict]:
@@ -82,17 +89,17 @@ def run_job(bench: Bench, job: Job, pool: DataRef) -> list[dict]:
         if arm == "base":
             runs[arm] = arm_record(arm, bench.base_metrics, bench.base_tasks, bench.unseen(bench.base_metrics))
         elif arm == "plain":
-            plain = finetune_backbone(bench.base, None, data, cfgs["full"])  # the same stage run as forgetfilter's
+            plain = bench.finetune(None, data, cfgs["full"])  # the same stage run as forgetfilter's
             runs[arm] = bench.score(arm, label, plain.model, data, probes=plain.probes)
         elif arm in ("secvec", "secvec_lora"):
-            guarded = finetune_backbone(bench.base, bench.vector(seed), data, cfgs["full" if arm == "secvec" else "lora"])
-            clean = strip(guarded.guarded, data)
+            guarded = bench.finetune(bench.vector(seed), data, cfgs["full" if arm == "secvec" else "lora"])
+            clean = strip(guarded.guarded, data, bench.runtime)
             runs[arm] = bench.score(arm, label, clean.model, data, probes=guarded.probes,
                                     strip_check=clean.strip_check["passed"])
         else:  # forgetfilter: filter with the noisy (plain) model, re-fine-tune the base on what is left
-            noisy = finetune_backbone(bench.base, None, data, cfgs["full"])
-            kept = forgetfilter(noisy.model, data, bench.data, bench.cfg.forgetfilter)
-            model = finetune_backbone(bench.base, None, kept.data, cfgs["full"]).model
+            noisy = bench.finetune(None, data, cfgs["full"])
+            kept = forgetfilter(noisy.model, data, bench.data, bench.cfg.forgetfilter, bench.runtime)
+            model = bench.finetune(None, kept.data, cfgs["full"]).model
             runs[arm] = bench.score(arm, label, model, data, filter=kept.stats)
     records = with_immunization(runs, bench.base_metrics, bench.base_tasks, bench.unseen(bench.base_metrics), seed)
     get_run_logger().info("cell %s seed %d: %s", cell.name, seed,
@@ -101,40 +108,43 @@ def run_job(bench: Bench, job: Job, pool: DataRef) -> list[dict]:
 
 
 @task(name="bench-cell", task_run_name="cell-{job.cell.name}-seed{job.seed}")
-def job_task(bench: Bench, job: Job, pool: DataRef, threads: int) -> list[dict]:
-    """`run_job` in a worker process (ProcessPoolTaskRunner) when the bench runs cells in parallel."""
-    import torch
-
-    torch.set_num_threads(threads)  # workers x threads <= cores: oversubscribed cores stall every matmul
+def job_task(bench: Bench, job: Job, pool: DataRef) -> list[dict]:
+    """`run_job` in a worker process (ProcessPoolTaskRunner) when the bench runs cells in parallel; every
+    stage sets the configured threads in the worker."""
     return run_job(bench, job, pool)
 
 
 @flow(name="secvec-bench", task_runner=ProcessPoolTaskRunner())  # only `job_task.submit` uses it
 def secvec_bench(config: str = "default", out_dir: str | None = None, workers: int = 1,
-                 protocols: tuple[str, ...] | None = None) -> dict:
+                 protocols: tuple[str, ...] | None = None, runtime: dict | None = None) -> dict:
     """Run a bench preset (configs/bench/) or bench YAML, all its protocols or only `protocols`; returns
-    bench.json's content. workers > 1 runs cells in that many processes (torch threads = cores / workers)."""
+    bench.json's content. workers > 1 runs cells in that many processes, each with the runtime's threads."""
     cfg = load_bench_config(config)
-    pipe = load_pipeline_config(cfg.pipeline)
+    pipe = with_runtime(load_pipeline_config(cfg.pipeline), runtime or {})
+    rt = pinned(pipe.runtime)
+    apply_threads(resolve(rt))
+    if workers * rt.threads > len(os.sched_getaffinity(0)):
+        get_run_logger().warning("%d workers x %d threads exceed the %d cores: every matmul will stall", workers,
+                                 rt.threads, len(os.sched_getaffinity(0)))
     cfg = cfg.model_copy(update={"epochs": cfg.epochs or pipe.finetune.train.epochs})  # cells that set none
     jobs = plan_jobs(cfg, pipe.finetune, protocols)  # an unknown protocol fails here, before any work
     out = Path(out_dir) if out_dir else PROJECT_ROOT / "outputs" / "bench" / cfg.name
     start = time.perf_counter()
     with tracking.start_run(cfg.experiment, PROJECT_ROOT, run_name=cfg.name):
         tracking.log_config(cfg.model_dump(mode="json"))
+        tracking.log_runtime(resolve(rt).describe())
         data = prepare_data(str(pipe.data), str(pipe.data_dir) if pipe.data_dir else None)
-        base, _ = resolve_base(pipe, data, {})
+        base, _ = resolve_base(pipe, data, rt, {})
         pool = attack_pool(load_data_config(pipe.data), data, *pool_sizes(cfg))
-        eval_cfg = with_judge(cfg.eval or pipe.eval, pipe.data)
-        bench = Bench(cfg, pipe, data, base, eval_cfg, evaluate("base", base, data, eval_cfg),
-                      score_base_tasks("base", base, data, cfg.base_task_examples),
+        eval_cfg = with_judge(cfg.eval or pipe.eval, pipe.data, rt)
+        bench = Bench(cfg, pipe, data, base, rt, eval_cfg, evaluate("base", base, data, eval_cfg, rt),
+                      score_base_tasks("base", base, data, cfg.base_task_examples, rt),
                       spread(load_role(data.dir, "eval_harmful"), eval_cfg.max_per_role),
                       {ex["category"] for ex in load_role(data.dir, "sv_fit")})
         if workers > 1:
             for seed in sorted({job.seed for job in jobs}):
                 bench.vector(seed)  # shared by many cells: fitted here, so no two processes write it
-            threads = max(1, len(os.sched_getaffinity(0)) // workers)
-            futures = [job_task.submit(bench, job, pool, threads) for job in jobs]
+            futures = [job_task.submit(bench, job, pool) for job in jobs]
             results = [future.result() for future in futures]
         else:
             results = [run_job(bench, job, pool) for job in jobs]
@@ -154,8 +164,8 @@ def secvec_bench(config: str = "default", out_dir: str | None = None, workers: i
 
 
 def run_bench(config: str = "default", out_dir: str | None = None, workers: int = 1,
-              protocols: tuple[str, ...] | None = None) -> dict:
+              protocols: tuple[str, ...] | None = None, runtime: dict | None = None) -> dict:
     """The bench flow with exactly `workers` processes for its cells."""
     with one_prefect_server(workers):
         return secvec_bench.with_options(task_runner=ProcessPoolTaskRunner(max_workers=workers))(
-            config=config, out_dir=out_dir, workers=workers, protocols=protocols)
+            config=config, out_dir=out_dir, workers=workers, protocols=protocols, runtime=runtime)

@@ -62,17 +62,32 @@ def _configure() -> None:
     configure()
 
 
+Threads = Annotated[int | None, typer.Option(min=1, help="Torch CPU threads (default: the config's runtime."
+                                                        "threads, 1); the same threads give the same bits.")]
+Device = Annotated[str | None, typer.Option(help="auto, cpu, cuda or mps (default: the config's runtime).")]
+Precision = Annotated[str | None, typer.Option(help="auto, fp32, bf16 or fp16 (default: the config's runtime).")]
+
+
+def _runtime(threads: int | None, device: str | None, precision: str | None) -> dict:
+    """The runtime fields given on the command line (the config's hold for the rest)."""
+    return {k: v for k, v in {"threads": threads, "device": device, "precision": precision}.items() if v is not None}
+
+
 @app.command()
 def run(
     config: Annotated[str, typer.Option(help="Preset name (default, public, micro) or a pipeline YAML.")] = "default",
     out: Annotated[Path | None, typer.Option(help="Folder for report.json and plots (default outputs/<name>).")] = None,
+    threads: Threads = None,
+    device: Device = None,
+    precision: Precision = None,
 ) -> None:
     """Run the whole pipeline: data, vector, guarded fine-tuning, stripping, evaluation, gate, registry."""
     _configure()
     from flows.pipeline import secvec_pipeline
 
     try:
-        report = secvec_pipeline(config=config, out_dir=str(out) if out else None)
+        report = secvec_pipeline(config=config, out_dir=str(out) if out else None,
+                                 runtime=_runtime(threads, device, precision))
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from err
@@ -92,6 +107,9 @@ def bench(
     protocol: Annotated[list[str] | None, typer.Option(help="Run only this protocol (paper, sweep, durability; "
                                                            "repeatable); the cells are the same as in a full "
                                                            "run.")] = None,
+    threads: Threads = None,
+    device: Device = None,
+    precision: Precision = None,
 ) -> None:
     """Effectiveness benchmark: base, plain, secvec, secvec_lora and ForgetFilter on each protocol cell."""
     _configure()
@@ -99,7 +117,8 @@ def bench(
 
     try:
         result = run_bench(config="quick" if quick else config, out_dir=str(out) if out else None,
-                           workers=workers, protocols=tuple(protocol) if protocol else None)
+                           workers=workers, protocols=tuple(protocol) if protocol else None,
+                           runtime=_runtime(threads, device, precision))
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from err
@@ -114,7 +133,9 @@ def _summary(report: dict) -> None:
 
     gate, reg, run_info = report["gate"], report["registered"], report["mlflow"]
     clean, base, plain = report["clean"], report["base"], report.get("plain")
+    rt = report["runtime"]
     typer.echo("")
+    typer.echo(f"runtime       {rt['device']}, {rt['precision']}, {rt['threads']} torch threads")
     typer.echo(f"harmful rate  base {base['harmful_rate']:.3f}  clean {clean['harmful_rate']:.3f}"
                + (f"  (plain fine-tuning {plain['harmful_rate']:.3f})" if plain else ""))
     typer.echo(f"utility       base {base['utility']:.3f}  clean {clean['utility']:.3f}"

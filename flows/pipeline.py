@@ -11,7 +11,8 @@ import mlflow
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from secvec.config import PipelineConfig, load_pipeline_config
+from secvec.config import PipelineConfig, RuntimeConfig, load_pipeline_config, with_runtime
+from secvec.device import apply_threads, pinned, resolve
 from secvec.gate import gate_coverage
 from secvec.models import check_model_dir
 from secvec.paths import PROJECT_ROOT
@@ -36,49 +37,64 @@ def stage(name: str, timings: dict[str, float]):
     timings[name] = round(time.perf_counter() - start, 2)
 
 
-def resolve_base(cfg: PipelineConfig, data: DataRef, timings: dict) -> tuple[ModelRef, bool]:
-    """The configured local model directory, or the tiny aligned base bootstrapped (and cached) here."""
+def resolve_base(cfg: PipelineConfig, data: DataRef, runtime: RuntimeConfig, timings: dict) -> tuple[ModelRef, bool]:
+    """The configured local model directory, a GGUF file converted (and cached) to one, or the tiny aligned
+    base bootstrapped (and cached) here."""
     if cfg.base_model:
         return ModelRef.of(check_model_dir(cfg.base_model, allow_pickle=cfg.allow_pickle)), False
+    if cfg.base_gguf:
+        from secvec.convert import gguf_sha256, packaged_gguf
+        from tasks.convert import convert
+
+        src = cfg.base_gguf
+        gguf = packaged_gguf(src.package, src.file) if src.package else src.path
+        with stage("convert_gguf", timings):
+            converted = convert(gguf_sha256(gguf), str(gguf))
+        # then like any local model directory: checked, hashed, loaded by models.load_causal_lm downstream
+        return ModelRef.of(check_model_dir(converted.dir)), False
     with stage("bootstrap", timings):
-        base = bootstrap(data, cfg.bootstrap)
+        base = bootstrap(data, cfg.bootstrap, runtime)
     tracking.log_history("bootstrap", base.history)
     return base.model, True
 
 
 @flow(name="secvec-pipeline")
-def secvec_pipeline(config: str = "default", out_dir: str | None = None) -> dict:
-    """Run the whole pipeline for a config file or preset name; returns the report (also report.json)."""
-    cfg = load_pipeline_config(config)
+def secvec_pipeline(config: str = "default", out_dir: str | None = None, runtime: dict | None = None) -> dict:
+    """Run the whole pipeline for a config file or preset name; returns the report (also report.json).
+    `runtime` overrides fields of the config's runtime (device, precision, threads)."""
+    cfg = with_runtime(load_pipeline_config(config), runtime or {})
     out = Path(out_dir) if out_dir else PROJECT_ROOT / "outputs" / cfg.name
     timings: dict[str, float] = {}
+    rt = pinned(cfg.runtime)
+    apply_threads(resolve(rt))
     with tracking.start_run(cfg.experiment, PROJECT_ROOT, run_name=cfg.name) as run:
         tracking.log_config(cfg.model_dump(mode="json"))
+        tracking.log_runtime(resolve(rt).describe())
         with stage("prepare_data", timings):
             data = prepare_data(str(cfg.data), str(cfg.data_dir) if cfg.data_dir else None)
         log_dataset_to_mlflow(data)
-        base, bootstrapped = resolve_base(cfg, data, timings)
+        base, bootstrapped = resolve_base(cfg, data, rt, timings)
         with stage("fit_vector", timings):
-            fitted = fit_security_vector(base, data, cfg.vector)
+            fitted = fit_security_vector(base, data, cfg.vector, rt)
         tracking.log_history("vector", fitted.history)
         with stage("vector_coverage", timings):
-            coverage = check_coverage(base, fitted.vector, data, cfg.coverage_first_k)
+            coverage = check_coverage(base, fitted.vector, data, cfg.coverage_first_k, rt)
         with stage("guarded_finetune", timings):
-            guarded = finetune_backbone(base, fitted.vector, data, cfg.finetune)
+            guarded = finetune_backbone(base, fitted.vector, data, cfg.finetune, rt)
         tracking.log_history("finetune", guarded.history)
         tracking.log_history("finetune_probe", guarded.probes)
         with stage("strip", timings):
-            clean = strip(guarded.guarded, data)
+            clean = strip(guarded.guarded, data, rt)
 
-        eval_cfg = with_judge(cfg.eval, cfg.data)
+        eval_cfg = with_judge(cfg.eval, cfg.data, rt)
         with stage("evaluate", timings):
-            metrics = {"base": evaluate("base", base, data, eval_cfg),
-                       "clean": evaluate("clean", clean.model, data, eval_cfg)}
+            metrics = {"base": evaluate("base", base, data, eval_cfg, rt),
+                       "clean": evaluate("clean", clean.model, data, eval_cfg, rt)}
         plain = None
         if cfg.plain_reference:
             with stage("plain_reference", timings):
-                plain = finetune_backbone(base, None, data, cfg.finetune.model_copy(update={"mode": "full"}))
-                metrics["plain"] = evaluate("plain", plain.model, data, eval_cfg)
+                plain = finetune_backbone(base, None, data, cfg.finetune.model_copy(update={"mode": "full"}), rt)
+                metrics["plain"] = evaluate("plain", plain.model, data, eval_cfg, rt)
             tracking.log_history("plain_probe", plain.probes)
 
         with stage("gate", timings):
@@ -93,6 +109,7 @@ def secvec_pipeline(config: str = "default", out_dir: str | None = None) -> dict
 
         report = build_report(cfg.name, data, base, bootstrapped, fitted.vector, metrics, decision.model_dump(),
                               cfg.gate.model_dump(), registered, clean.strip_check, coverage, timings,
+                              resolve(rt).describe(),
                               {"run_id": run.info.run_id, "experiment": cfg.experiment,
                                "tracking_uri": mlflow.get_tracking_uri()}, out)
         publish(report, {k: m["samples"] for k, m in metrics.items()}, guarded, plain, out)

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from secvec.config import BootstrapConfig
+from secvec.device import CPU, Hardware
 from secvec.encoding import CHAT_TEMPLATE, EOT, PAD, ROLE_TOKENS, encode_examples
 from secvec.minilm import build_minilm
 from secvec.training import train
@@ -80,6 +81,7 @@ def bootstrap_base(
     out_dir: str | Path,
     vocab_texts: Sequence[str] = (),
     callbacks: Sequence = (),
+    hardware: Hardware = CPU,
 ) -> list[dict]:
     """Train the aligned base of `cfg.size` on `align` chats, save it (safetensors + tokenizer) to
     `out_dir`, and return the training log records.
@@ -100,7 +102,7 @@ def bootstrap_base(
     log.info("bootstrap: %s model, %d examples, vocab %d", cfg.size, len(examples), len(tokenizer))
     features = encode_examples(tokenizer, examples, cfg.train.max_length)
     history = train(model, features, cfg.train, out.with_name(out.name + "-ckpt"), pad_id=tokenizer.pad_token_id,
-                    callbacks=callbacks)
+                    callbacks=callbacks, hardware=hardware)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.save_pretrained(out, safe_serialization=True)

@@ -19,8 +19,9 @@ from transformers import TrainerCallback
 
 from secvec.config import FinetuneConfig
 from secvec.data import load_role
+from secvec.device import CPU, Hardware
 from secvec.encoding import encode_examples
-from secvec.models import find_lora_targets, load_causal_lm, sha256_file
+from secvec.models import find_lora_targets, load_causal_lm, lora_fan_in_fan_out, sha256_file
 from secvec.training import mean_response_loss, train
 from secvec.vector import VECTOR_NAME, is_vector_param, vector_disabled
 
@@ -52,8 +53,9 @@ def _set_trainable(model: PeftModel, mode: str) -> None:
 def add_task_lora(model: PeftModel, cfg: FinetuneConfig) -> None:
     """Add a trainable task LoRA beside the vector; both are active in the forward pass."""
     targets = model.peft_config[VECTOR_NAME].target_modules
-    lora = LoraConfig(r=cfg.task_rank, lora_alpha=cfg.task_alpha, lora_dropout=0.0,
-                      target_modules=sorted(targets) if targets else find_lora_targets(model.get_base_model()),
+    targets = sorted(targets) if targets else find_lora_targets(model.get_base_model())
+    lora = LoraConfig(r=cfg.task_rank, lora_alpha=cfg.task_alpha, lora_dropout=0.0, target_modules=targets,
+                      fan_in_fan_out=lora_fan_in_fan_out(model.get_base_model(), targets),
                       bias="none", task_type="CAUSAL_LM")
     model.add_adapter(TASK_ADAPTER, lora)
     model.base_model.set_adapter([VECTOR_NAME, TASK_ADAPTER])
@@ -196,10 +198,14 @@ def finetune(
     out_dir: str | Path,
     probes: dict[str, Sequence[dict]] | None = None,
     callbacks: Sequence[TrainerCallback] = (),
+    hardware: Hardware = CPU,
 ) -> dict:
     """Fine-tune on `examples`: guarded when `model` carries the security vector, plain otherwise.
 
     The same function serves the plain reference arm, so both arms share loop, data order and settings.
+    Merged mode needs float32 master weights to be exact (W + dW - dW); with weights held in a half dtype
+    it falls back to the adapter path, with a warning (bf16/fp16 precision trains fp32 masters under
+    autocast, so it keeps merged mode).
 
     Returns:
         {"history": trainer log records, "probes": probe records}
@@ -215,6 +221,10 @@ def finetune(
     elif cfg.mode == "lora":
         raise ValueError("task-LoRA mode needs the security vector attached (plain runs use mode 'full')")
     merged = guarded and cfg.vector_mode == "merged"
+    if merged and (half := {p.dtype for p in model.parameters() if p.requires_grad} - {torch.float32}):
+        log.warning("finetune: merged vector mode is exact only over float32 weights, these are %s: "
+                    "using the adapter path", sorted(map(str, half)))
+        merged = False
     probe = None
     if probes and cfg.probe_steps:
         probe = LossProbe(model, tokenizer, probes, cfg.probe_steps)
@@ -228,7 +238,8 @@ def finetune(
     features = encode_examples(tokenizer, examples, cfg.train.max_length)
 
     def run() -> list[dict]:
-        return train(model, features, cfg.train, Path(out_dir), pad_id=tokenizer.pad_token_id, callbacks=callbacks)
+        return train(model, features, cfg.train, Path(out_dir), pad_id=tokenizer.pad_token_id, callbacks=callbacks,
+                     hardware=hardware)
 
     if merged:
         with vector_merged(model) as deltas:
@@ -273,10 +284,10 @@ def save_guarded(model: PeftModel, tokenizer, out_dir: str | Path) -> Path:
     return out
 
 
-def load_guarded(guarded_dir: str | Path) -> tuple[PeftModel, object]:
+def load_guarded(guarded_dir: str | Path, device: str = "cpu") -> tuple[PeftModel, object]:
     """Rebuild a guarded model saved by `save_guarded`: vector (and task LoRA) active and frozen."""
     path = Path(guarded_dir)
-    backbone, tokenizer = load_causal_lm(path / "backbone")
+    backbone, tokenizer = load_causal_lm(path / "backbone", device=device)
     model = PeftModel.from_pretrained(backbone, path / "adapters" / VECTOR_NAME, adapter_name=VECTOR_NAME)
     if (path / "adapters" / TASK_ADAPTER).is_dir():
         model.load_adapter(path / "adapters" / TASK_ADAPTER, adapter_name=TASK_ADAPTER)

@@ -21,8 +21,8 @@ def public_metrics(metrics: dict | None) -> dict | None:
 
 def build_report(name: str, data: DataRef, base: ModelRef, bootstrapped: bool, vector: VectorRef,
                  metrics: dict[str, dict | None], decision: dict, thresholds: dict, registered: dict | None,
-                 strip_check: dict, coverage: dict[str, dict | None], timings: dict[str, float], mlflow: dict,
-                 out: Path) -> dict:
+                 strip_check: dict, coverage: dict[str, dict | None], timings: dict[str, float], runtime: dict,
+                 mlflow: dict, out: Path) -> dict:
     """report.json of one pipeline run: lineage, the base / clean / plain metrics, the gate and the registry."""
     return {
         "config": name,
@@ -37,6 +37,7 @@ def build_report(name: str, data: DataRef, base: ModelRef, bootstrapped: bool, v
         "vector_coverage": gate_coverage(coverage),
         "vector_coverage_detail": coverage,
         "timings_s": timings,
+        "runtime": runtime,
         "mlflow": mlflow,
         "report_path": str(out / "report.json"),
     }

@@ -25,7 +25,7 @@ ADAPTER_MARKERS = ("lora_", VECTOR_NAME, "base_layer")
 
 def _logits(model, input_ids: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
-        return model(input_ids=input_ids).logits
+        return model(input_ids=input_ids.to(next(model.parameters()).device)).logits.float().cpu()
 
 
 def architecture_mismatches(model) -> list[str]:

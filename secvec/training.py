@@ -1,4 +1,5 @@
-"""The one training loop every stage uses: transformers' Trainer with response-only loss on CPU."""
+"""The one training loop every stage uses: transformers' Trainer with response-only loss, on the configured
+device and precision (secvec.device)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from peft import PeftModel
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from secvec.config import TrainConfig
+from secvec.device import CPU, Hardware
 from secvec.encoding import PadCollator, encode_examples, response_loss
 
 log = logging.getLogger(__name__)
@@ -31,7 +33,7 @@ class LossHistory(TrainerCallback):
             self.records.append({"step": state.global_step, **{k: float(v) for k, v in logs.items()}})
 
 
-def training_arguments(cfg: TrainConfig, out_dir: str | Path) -> TrainingArguments:
+def training_arguments(cfg: TrainConfig, out_dir: str | Path, hardware: Hardware = CPU) -> TrainingArguments:
     return TrainingArguments(
         output_dir=str(out_dir),
         per_device_train_batch_size=cfg.batch_size,
@@ -49,7 +51,12 @@ def training_arguments(cfg: TrainConfig, out_dir: str | Path) -> TrainingArgumen
         save_total_limit=2,
         seed=cfg.seed,
         data_seed=cfg.seed,
-        use_cpu=True,
+        use_cpu=hardware.device == "cpu",
+        bf16=hardware.precision == "bf16",  # autocast over fp32 master weights
+        fp16=hardware.precision == "fp16",
+        gradient_checkpointing=hardware.gradient_checkpointing,
+        # non-reentrant: gradients reach a LoRA whose frozen backbone's inputs need none (vector fitting)
+        gradient_checkpointing_kwargs={"use_reentrant": False} if hardware.gradient_checkpointing else None,
         report_to="none",
         remove_unused_columns=False,
         dataloader_num_workers=0,
@@ -89,6 +96,7 @@ def train(
     trainer_cls: type[Trainer] = SecvecTrainer,
     callbacks: Sequence[TrainerCallback] = (),
     on_trainer: Callable[[Trainer], None] | None = None,
+    hardware: Hardware = CPU,
 ) -> list[dict[str, float]]:
     """Train `model` in place on encoded features; returns the logged loss history.
 
@@ -99,13 +107,14 @@ def train(
         features: dicts of token-id lists (`input_ids`, `labels`, optionally `kl_input_ids`).
         trainer_cls: a Trainer subclass when the stage needs its own loss.
         on_trainer: called with the trainer before training (e.g. to attach extra state).
+        hardware: device, precision and gradient checkpointing (default: the CPU in fp32).
     """
     if not features:
         raise ValueError("no training examples (empty dataset)")
     history = LossHistory()
     trainer = trainer_cls(
         model=model,
-        args=training_arguments(cfg, out_dir),
+        args=training_arguments(cfg, out_dir, hardware),
         train_dataset=Dataset.from_list(list(features)),
         data_collator=PadCollator(pad_id),
         callbacks=[history, *callbacks],
@@ -117,6 +126,9 @@ def train(
         log.info("resuming from %s", resume)
     model.train()
     trainer.train(resume_from_checkpoint=resume)
+    # Mixed precision wraps model.forward in autocast for good; later evaluation and the strip check must see
+    # the model's own forward (full precision), so the wrapper goes.
+    trainer.accelerator.unwrap_model(model, keep_fp32_wrapper=False)
     model.eval()
     for checkpoint in Path(out_dir).glob("checkpoint-*"):
         shutil.rmtree(checkpoint, ignore_errors=True)
@@ -129,12 +141,13 @@ def mean_response_loss(model, tokenizer, examples: Sequence[dict], first_k: int 
     """Mean over examples of the per-example response loss (all response tokens, or the first k)."""
     features = encode_examples(tokenizer, examples, max_length)
     collate = PadCollator(tokenizer.pad_token_id)
+    device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     losses = []
     for i in range(0, len(features), batch_size):
-        batch = collate(features[i : i + batch_size])
+        batch = {k: v.to(device) for k, v in collate(features[i : i + batch_size]).items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        losses.append(response_loss(logits, batch["labels"], first_k))
+        losses.append(response_loss(logits.float(), batch["labels"], first_k).cpu())
     model.train(was_training)
     return torch.cat(losses).mean().item()

@@ -21,8 +21,9 @@ from transformers import TrainerCallback
 
 from secvec.config import VectorConfig
 from secvec.data import load_role
+from secvec.device import CPU, Hardware
 from secvec.encoding import encode_examples
-from secvec.models import find_lora_targets, sha256_file
+from secvec.models import find_lora_targets, lora_fan_in_fan_out, sha256_file
 from secvec.training import SecvecTrainer, mean_response_loss, train
 
 log = logging.getLogger(__name__)
@@ -54,11 +55,13 @@ def kl_examples(data_dir: str | Path, n: int) -> list[dict]:
 
 def attach_vector(model, cfg: VectorConfig) -> PeftModel:
     """Wrap `model` with a fresh, trainable `security_vector` LoRA; the backbone is frozen."""
+    targets = cfg.target_modules or find_lora_targets(model)
     lora = LoraConfig(
         r=cfg.rank,
         lora_alpha=cfg.alpha,
         lora_dropout=0.0,  # dropout would make the vector's effect differ between fitting and guarding
-        target_modules=cfg.target_modules or find_lora_targets(model),
+        target_modules=targets,
+        fan_in_fan_out=lora_fan_in_fan_out(model, targets),  # GPT-2's Conv1D stores weights as (in, out)
         bias="none",
         task_type="CAUSAL_LM",
     )
@@ -138,6 +141,7 @@ def fit_vector(
     base_model_hash: str = "",
     callbacks: Sequence = (),
     validation: Sequence[dict] = (),
+    hardware: Hardware = CPU,
 ) -> tuple[PeftModel, dict]:
     """Fit the security vector on harmful (prompt, response) chats and save it with its metadata.
 
@@ -150,6 +154,7 @@ def fit_vector(
         callbacks: extra Trainer callbacks (e.g. progress reporting).
         validation: held-out harmful chats (`sv_val`) that pick the epoch when `cfg.select_epoch` is
             "validation".
+        hardware: device and precision of the training loop (default: CPU, fp32).
 
     Returns:
         The backbone wrapped with the active vector (frozen after fitting) and the metadata dict.
@@ -170,7 +175,7 @@ def fit_vector(
 
     history = train(peft_model, features, cfg.train, out.with_name(out.name + "-ckpt"),
                     pad_id=tokenizer.pad_token_id, trainer_cls=VectorTrainer, on_trainer=set_kl,
-                    callbacks=[*callbacks, best] if best else callbacks)
+                    callbacks=[*callbacks, best] if best else callbacks, hardware=hardware)
     freeze_vector(peft_model)
     selected = {}
     if best:

@@ -12,11 +12,11 @@ from pydantic import BaseModel, ConfigDict
 from secvec.bench.cells import build_attack_pool, compose_cell, excluded_examples, write_cell_dataset
 from secvec.bench.forgetfilter import forgetfilter_select
 from secvec.bench.immunization import base_task_score
-from secvec.config import DataConfig, ForgetFilterConfig
+from secvec.config import DataConfig, ForgetFilterConfig, RuntimeConfig
 from secvec.data import load_role
 from secvec.models import load_causal_lm
 from secvec.refs import DataRef, ModelRef
-from tasks.common import log, stage
+from tasks.common import hardware, log, stage
 
 
 class Filtered(BaseModel):
@@ -47,10 +47,12 @@ def cell_data(data: DataRef, pool: DataRef, harmful: int, benign: int, seed: int
 
 
 @stage("forgetfilter-select")
-def forgetfilter(noisy: ModelRef, cell: DataRef, data: DataRef, cfg: ForgetFilterConfig, out: Path) -> Filtered:
+def forgetfilter(noisy: ModelRef, cell: DataRef, data: DataRef, cfg: ForgetFilterConfig, runtime: RuntimeConfig,
+                 out: Path) -> Filtered:
     """ForgetFilter: safe fine-tuning of the noisy model, then drop the examples it forgot the most."""
     refusals = [ex for ex in load_role(data.dir, "align") if ex["is_harmful"]]
-    kept, stats = forgetfilter_select(noisy.dir, load_role(cell.dir, "finetune"), refusals, cfg, out / "trainer")
+    kept, stats = forgetfilter_select(noisy.dir, load_role(cell.dir, "finetune"), refusals, cfg, out / "trainer",
+                                      hardware(runtime))
     log.info("forgetfilter: kept %d of %d, harmful recall %s, precision %s", stats["kept"], stats["examples"],
              stats["harmful_recall"], stats["precision"])
     kept_dir = write_cell_dataset(data.dir, kept, out / "data", {"filtered_from": cell.md5})
@@ -58,7 +60,8 @@ def forgetfilter(noisy: ModelRef, cell: DataRef, data: DataRef, cfg: ForgetFilte
 
 
 @stage("base-task-score", labels=("label",), task_run_name="base-tasks-{label}")
-def score_base_tasks(label: str, model: ModelRef, data: DataRef, n: int, out: Path) -> dict:
+def score_base_tasks(label: str, model: ModelRef, data: DataRef, n: int, runtime: RuntimeConfig, out: Path) -> dict:
     """The model on the base's own benign alignment data (accuracy where answers exist, perplexity)."""
-    lm, tokenizer = load_causal_lm(model.dir)
+    hw = hardware(runtime)
+    lm, tokenizer = load_causal_lm(model.dir, device=hw.device, dtype=hw.compute_dtype)
     return base_task_score(lm, tokenizer, [ex for ex in load_role(data.dir, "align") if not ex["is_harmful"]][:n])

@@ -26,6 +26,8 @@ from pydantic import TypeAdapter
 from transformers import TrainerCallback
 
 import secvec
+from secvec.config import RuntimeConfig
+from secvec.device import Hardware, apply_threads, resolve
 from secvec.paths import cache_root
 from secvec.refs import identity
 
@@ -92,6 +94,14 @@ class Stage:
 def stage(name: str, labels: Sequence[str] = (), **options: Any) -> Callable[[Callable[..., Any]], Stage]:
     """Decorator form of `Stage`."""
     return lambda fn: Stage(fn, name, labels, **options)
+
+
+def hardware(runtime: RuntimeConfig) -> Hardware:
+    """The stage's device and precision, with torch's threads set as configured (in this process: a bench
+    worker runs its own)."""
+    hw = resolve(runtime)
+    apply_threads(hw)
+    return hw
 
 
 class PrefectProgress(TrainerCallback):

@@ -46,6 +46,11 @@ def log_config(config: dict) -> None:
         mlflow.log_params(dict(items[i : i + 100]))
 
 
+def log_runtime(runtime: dict) -> None:
+    """Where the run computed (device, precision, threads, versions): a tag each, `runtime.<field>`."""
+    mlflow.set_tags({f"runtime.{k}": str(v) for k, v in runtime.items()})
+
+
 def log_history(stage: str, records: list[dict]) -> None:
     """Per-step training metrics of one stage (`<stage>/loss` at each logged step) and probe losses."""
     for record in records:

@@ -117,13 +117,14 @@ def test_bench_calls_the_pipelines_vector_and_plain_stages_with_the_pipelines_in
     monkeypatch.setenv("SECVEC_CACHE", str(tmp_path))
     pipe, cfg = load_pipeline_config("default"), BenchConfig(name="x")  # epochs: the pipeline's
     base, data = ModelRef(dir="/b", sha256="b"), DataRef(dir="/d", md5="d.dir")
-    assert fit_security_vector.out_dir(base, data, vector_config(pipe.vector, 0)) == \
-        fit_security_vector.out_dir(base, data, pipe.vector)
+    rt = pipe.runtime
+    assert fit_security_vector.out_dir(base, data, vector_config(pipe.vector, 0), rt) == \
+        fit_security_vector.out_dir(base, data, pipe.vector, rt)
     head = expand_cells(cfg)[0]
     plain = finetune_configs(pipe.finetune, head, 0, cfg.epochs or pipe.finetune.train.epochs, cfg.lora_learning_rate)
     pipeline_plain = pipe.finetune.model_copy(update={"mode": "full"})
-    assert finetune_backbone.out_dir(base, None, data, plain["full"]) == \
-        finetune_backbone.out_dir(base, None, data, pipeline_plain)
+    assert finetune_backbone.out_dir(base, None, data, plain["full"], rt) == \
+        finetune_backbone.out_dir(base, None, data, pipeline_plain, rt)
 
 
 def test_cells_that_train_alike_run_as_one_job_with_the_union_of_their_arms():

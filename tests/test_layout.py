@@ -6,7 +6,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-from secvec.config import VectorConfig
+from secvec.config import RuntimeConfig, VectorConfig
 from secvec.refs import DataRef, ModelRef
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,13 +72,16 @@ def test_stage_folder_is_keyed_on_input_identities_not_paths(tmp_path, monkeypat
     from tasks.vector import fit_security_vector
 
     monkeypatch.setenv("SECVEC_CACHE", str(tmp_path))
-    data, cfg = DataRef(dir="/a/data", md5="m.dir"), VectorConfig()
-    out = fit_security_vector.out_dir(ModelRef(dir="/a/base", sha256="s1"), data, cfg)
+    data, cfg, rt = DataRef(dir="/a/data", md5="m.dir"), VectorConfig(), RuntimeConfig(device="cpu", precision="fp32")
+    out = fit_security_vector.out_dir(ModelRef(dir="/a/base", sha256="s1"), data, cfg, rt)
     assert out.parent == tmp_path / "fit-security-vector"
     assert out == fit_security_vector.out_dir(ModelRef(dir="/elsewhere", sha256="s1"), data.model_copy(
-        update={"dir": "/b"}), cfg)  # the same weights and data in other folders: the same stage
-    assert out != fit_security_vector.out_dir(ModelRef(dir="/a/base", sha256="s2"), data, cfg)
-    assert out != fit_security_vector.out_dir(ModelRef(dir="/a/base", sha256="s1"), data, VectorConfig(rank=4))
+        update={"dir": "/b"}), cfg, rt)  # the same weights and data in other folders: the same stage
+    assert out != fit_security_vector.out_dir(ModelRef(dir="/a/base", sha256="s2"), data, cfg, rt)
+    assert out != fit_security_vector.out_dir(ModelRef(dir="/a/base", sha256="s1"), data, VectorConfig(rank=4), rt)
+    # threads change the bits, so they change the stage
+    two = rt.model_copy(update={"threads": 2})
+    assert out != fit_security_vector.out_dir(ModelRef(dir="/a/base", sha256="s1"), data, cfg, two)
 
 
 def test_labels_do_not_change_the_stage_folder(tmp_path, monkeypatch):
@@ -88,4 +91,5 @@ def test_labels_do_not_change_the_stage_folder(tmp_path, monkeypatch):
     model, data = ModelRef(dir="/m", sha256="s"), DataRef(dir="/d", md5="m.dir")
     from secvec.config import EvalConfig
 
-    assert evaluate.out_dir("base", model, data, EvalConfig()) == evaluate.out_dir("clean", model, data, EvalConfig())
+    rt = RuntimeConfig()
+    assert evaluate.out_dir("base", model, data, EvalConfig(), rt) == evaluate.out_dir("clean", model, data, EvalConfig(), rt)

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from secvec.device import CPU, Hardware
 from secvec.guarded import FinetuneConfig, finetune, vector_snapshot
 from secvec.models import hash_model_dir, load_causal_lm
 from secvec.strip import strip_vector
@@ -10,15 +11,16 @@ from secvec.training import TrainConfig
 from secvec.vector import load_vector
 
 
-def _clean_after(micro_base, micro_vector, world, tmp_path, mode, vector_mode, weight_decay):
-    model, tokenizer = load_causal_lm(micro_base)
+def _clean_after(micro_base, micro_vector, world, tmp_path, mode, vector_mode, weight_decay, hardware=CPU,
+                 dtype=torch.float32):
+    model, tokenizer = load_causal_lm(micro_base, dtype=dtype)
     model = load_vector(model, micro_vector, hash_model_dir(micro_base))
     before = vector_snapshot(model)
     train = TrainConfig(learning_rate=1e-3, epochs=2, batch_size=16, weight_decay=weight_decay, seed=3,
                         progress_bar=False)
     cfg = FinetuneConfig(mode=mode, vector_mode=vector_mode, probe_steps=4, train=train)
     out = finetune(model, tokenizer, world["harmful_ft"] + world["benign_ft"], cfg, tmp_path / vector_mode,
-                   probes={"harmful": world["harmful_ft"][:8]})
+                   probes={"harmful": world["harmful_ft"][:8]}, hardware=hardware)
     assert all(before[k].equal(v) for k, v in vector_snapshot(model).items())
     probe = tokenizer([tokenizer.apply_chat_template(world["harmful_ft"][0]["messages"], tokenize=False)],
                       return_tensors="pt").input_ids
@@ -49,3 +51,32 @@ def test_weight_decay_correction_matters(micro_base, micro_vector, world, tmp_pa
     adapter, _ = _clean_after(micro_base, micro_vector, world, tmp_path, "full", "adapter", 0.1)
     assert max((merged[k] - adapter[k]).abs().max().item() for k in merged) > 1e-5
     assert torch.is_tensor(next(iter(merged.values())))
+
+
+def test_bf16_autocast_keeps_fp32_masters_so_merged_stays_within_mixed_precision_noise(micro_base, micro_vector,
+                                                                                      world, tmp_path):
+    """Under bf16 autocast the weights stay float32, so dW is subtracted exactly; merged and adapter training
+    then differ only where bf16 rounds (W+dW in one matmul vs W and dW apart). The stated tolerance: no more
+    than bf16 itself moves the adapter path's result away from fp32."""
+    bf16 = Hardware("cpu", "bf16")
+    merged, _ = _clean_after(micro_base, micro_vector, world, tmp_path, "full", "merged", 0.0, bf16)
+    adapter, _ = _clean_after(micro_base, micro_vector, world, tmp_path, "full", "adapter", 0.0, bf16)
+    fp32, _ = _clean_after(micro_base, micro_vector, world, tmp_path, "full", "adapter", 0.0)
+    assert all(v.dtype == torch.float32 for v in merged.values())  # master weights, not bf16 copies
+    diff = max((merged[k] - adapter[k]).abs().max().item() for k in merged)
+    noise = max((adapter[k] - fp32[k]).abs().max().item() for k in adapter)
+    print(f"bf16 autocast: max |clean(merged) - clean(adapter)| = {diff:.2e}; bf16 vs fp32 (adapter): {noise:.2e}")
+    assert 0 < diff <= noise
+
+
+def test_merged_mode_over_half_weights_falls_back_to_the_adapter_path(micro_base, micro_vector, world, tmp_path,
+                                                                      caplog):
+    """bf16 weights cannot hold W + dW - dW exactly: finetune says so and trains through the adapter."""
+    model, tokenizer = load_causal_lm(micro_base, dtype=torch.bfloat16)
+    model = load_vector(model, micro_vector, hash_model_dir(micro_base))
+    before = vector_snapshot(model)
+    cfg = FinetuneConfig(vector_mode="merged", train=TrainConfig(max_steps=2, batch_size=8, progress_bar=False))
+    with caplog.at_level("WARNING", logger="secvec.guarded"):
+        finetune(model, tokenizer, world["benign_ft"], cfg, tmp_path / "half")
+    assert "merged vector mode is exact only over float32 weights" in caplog.text
+    assert all(before[k].equal(v) for k, v in vector_snapshot(model).items())

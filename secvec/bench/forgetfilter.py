@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from secvec.config import FinetuneConfig, ForgetFilterConfig
+from secvec.device import CPU, Hardware
 from secvec.generate import generate
 from secvec.guarded import finetune
 from secvec.models import load_causal_lm
@@ -81,13 +82,14 @@ def _mean(values: Sequence[float]) -> float | None:
 
 
 def forgetfilter_select(noisy_dir: str | Path, examples: Sequence[dict], refusals: Sequence[dict],
-                        cfg: ForgetFilterConfig, trainer_dir: str | Path) -> tuple[list[dict], dict]:
+                        cfg: ForgetFilterConfig, trainer_dir: str | Path,
+                        hardware: Hardware = CPU) -> tuple[list[dict], dict]:
     """ForgetFilter on `examples` with the noisy model in `noisy_dir` (fine-tuned on them): a copy of it
     fine-tuned briefly on `refusals` (the safe data), then every example scored by how much of its response
     the copy forgot; those over `cfg.threshold` are dropped. Returns (kept examples, stats)."""
-    noisy, tokenizer = load_causal_lm(noisy_dir)
-    safe, _ = load_causal_lm(noisy_dir)
+    noisy, tokenizer = load_causal_lm(noisy_dir, device=hardware.device)
+    safe, _ = load_causal_lm(noisy_dir, device=hardware.device)
     finetune(safe, tokenizer, list(refusals)[: cfg.safe_examples], FinetuneConfig(train=cfg.safe_train),
-             trainer_dir)
+             trainer_dir, hardware=hardware)
     scores = forgetting_scores(noisy, safe, tokenizer, examples, cfg.max_new_tokens)
     return forget_filter(examples, scores, cfg.threshold)

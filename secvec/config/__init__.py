@@ -27,10 +27,12 @@ from secvec.config.stages import (
     JudgeConfig,
     PipelineConfig,
     RegistryConfig,
+    RuntimeConfig,
     Thresholds,
     TrainConfig,
     VectorConfig,
     load_pipeline_config,
+    with_runtime,
 )
 
 __all__ = [
@@ -53,6 +55,7 @@ __all__ = [
     "PipelineConfig",
     "RegistryConfig",
     "RoleSizes",
+    "RuntimeConfig",
     "SourceConfig",
     "SweepProtocol",
     "Thresholds",
@@ -64,5 +67,6 @@ __all__ = [
     "load_pipeline_config",
     "load_yaml_config",
     "preset_path",
+    "with_runtime",
     "yaml_line",
 ]

