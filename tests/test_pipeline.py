@@ -102,3 +102,23 @@ def test_failing_gate_registers_nothing_and_reuses_cached_stages(first_run, pipe
         assert runs and set(runs) == {"Cached"}, states  # finished with these inputs: Prefect's cache, no rerun
     assert [s for n, s in states.items() if n.startswith("train-judge")] == ["Completed"], states
     assert report["clean"]["judge"].startswith("bow:") and report["base"]["judge"] == report["clean"]["judge"]
+
+
+def test_a_rerun_from_scratch_reproduces_every_bit(first_run, pipeline_env, monkeypatch):
+    """The same config and threads on an empty cache: the same base, vector, clean weights and report (a
+    machine of the same kind gives these bits too; see docs/RELIABILITY.md for what differs across threads)."""
+    import mlflow
+
+    from flows.pipeline import secvec_pipeline
+
+    monkeypatch.setenv("SECVEC_CACHE", str(pipeline_env / "fresh-cache"))
+    again = secvec_pipeline(config="micro", out_dir=str(pipeline_env / "again"))
+    same = ("dataset_md5", "vector_sha256", "base", "clean", "plain", "strip_check", "vector_coverage_detail",
+            "gate", "runtime")
+    assert {k: again[k] for k in same} == {k: first_run[k] for k in same}
+    assert again["base_model"]["sha256"] == first_run["base_model"]["sha256"]
+    assert again["base_model"]["dir"] != first_run["base_model"]["dir"]  # rebuilt, not reused
+    assert again["runtime"]["threads"] == 1 and again["base_model"]["bootstrapped"]
+    assert again["registered"]["version"] == first_run["registered"]["version"]  # the same weights: one version
+    name = first_run["registered"]["name"]
+    assert len(mlflow.MlflowClient().search_model_versions(f"name = '{name}'")) == 1
