@@ -25,6 +25,7 @@ from tasks.data import log_dataset_to_mlflow, prepare_data
 from tasks.evaluate import evaluate, with_judge
 from tasks.finetune import finetune_backbone
 from tasks.register import gate, register
+from tasks.screen import screen
 from tasks.strip import strip
 from tasks.vector import check_coverage, fit_security_vector
 
@@ -79,12 +80,17 @@ def secvec_pipeline(config: str = "default", out_dir: str | None = None, runtime
         tracking.log_history("vector", fitted.history)
         with stage("vector_coverage", timings):
             coverage = check_coverage(base, fitted.vector, data, cfg.coverage_first_k, rt)
+        screened = None
+        if cfg.screen.mode != "off":
+            with stage("screen", timings):
+                screened = screen(base, fitted.vector, data, cfg.screen, rt)
+        train_data = screened.data if screened else data  # screened only in `drop` mode
         with stage("guarded_finetune", timings):
-            guarded = finetune_backbone(base, fitted.vector, data, cfg.finetune, rt)
+            guarded = finetune_backbone(base, fitted.vector, train_data, cfg.finetune, rt)
         tracking.log_history("finetune", guarded.history)
         tracking.log_history("finetune_probe", guarded.probes)
         with stage("strip", timings):
-            clean = strip(guarded.guarded, data, rt)
+            clean = strip(guarded.guarded, train_data, rt)
 
         eval_cfg = with_judge(cfg.eval, cfg.data, rt)
         with stage("evaluate", timings):
@@ -109,7 +115,7 @@ def secvec_pipeline(config: str = "default", out_dir: str | None = None, runtime
 
         report = build_report(cfg.name, data, base, bootstrapped, fitted.vector, metrics, decision.model_dump(),
                               cfg.gate.model_dump(), registered, clean.strip_check, coverage, timings,
-                              resolve(rt).describe(),
+                              screened.report if screened else None, resolve(rt).describe(),
                               {"run_id": run.info.run_id, "experiment": cfg.experiment,
                                "tracking_uri": mlflow.get_tracking_uri()}, out)
         publish(report, {k: m["samples"] for k, m in metrics.items()}, guarded, plain, out)
@@ -133,4 +139,8 @@ def publish(report: dict, samples: dict, guarded: FinetuneResult, plain: Finetun
     mlflow.log_artifacts(str(out), artifact_path="report")
     create_markdown_artifact(markdown(report), key="secvec-gate-report", description="secvec gate report")
     create_table_artifact(metrics_table(models), key="secvec-metrics", description="base / plain / clean metrics")
+    if screened := report["screen"]:
+        tracking.log_model_metrics("screen", {k: v for k, v in screened.items() if k != "n"})
+        create_table_artifact(screened["top"], key="secvec-screen", description=f"vector screen: {screened['flagged']} "
+                              f"of {screened['n']} samples above {screened['threshold']:.3f}")
     get_run_logger().info("report: %s", path)

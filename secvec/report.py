@@ -21,8 +21,8 @@ def public_metrics(metrics: dict | None) -> dict | None:
 
 def build_report(name: str, data: DataRef, base: ModelRef, bootstrapped: bool, vector: VectorRef,
                  metrics: dict[str, dict | None], decision: dict, thresholds: dict, registered: dict | None,
-                 strip_check: dict, coverage: dict[str, dict | None], timings: dict[str, float], runtime: dict,
-                 mlflow: dict, out: Path) -> dict:
+                 strip_check: dict, coverage: dict[str, dict | None], timings: dict[str, float],
+                 screen: dict | None, runtime: dict, mlflow: dict, out: Path) -> dict:
     """report.json of one pipeline run: lineage, the base / clean / plain metrics, the gate and the registry."""
     return {
         "config": name,
@@ -36,6 +36,7 @@ def build_report(name: str, data: DataRef, base: ModelRef, bootstrapped: bool, v
         "strip_check": strip_check,
         "vector_coverage": gate_coverage(coverage),
         "vector_coverage_detail": coverage,
+        "screen": screen,
         "timings_s": timings,
         "runtime": runtime,
         "mlflow": mlflow,
@@ -77,6 +78,13 @@ def markdown(report: dict) -> str:
         lines += [(f"Vector coverage on the fine-tuning set's harmful samples: loss on {_fmt(cov.get('loss_on'))}, "
                   f"off {_fmt(cov.get('loss_off'))}, ratio {_fmt(cov.get('ratio'))} "
                   f"(first {cov.get('first_k')} tokens: {_fmt(cov.get('first_k_ratio'))})."), ""]
+    if screen := report.get("screen"):
+        quality = ", ".join(f"{k} {_fmt(screen.get(k))}" for k in ("auroc", "precision", "recall"))
+        lines += [(f"Vector screen ({screen['mode']}): {screen['flagged']} of {screen['n']} fine-tuning samples score "
+                   f"above {_fmt(screen['threshold'])} (against their labels: {quality})"
+                   + (f"; {screen['kept']} kept for guarded fine-tuning." if "kept" in screen else "."), "")]
+        lines += ["| id | score | labelled harmful |", "|---|---|---|",
+                  *(f"| {t['id']} | {t['score']:.3f} | {t['is_harmful']} |" for t in screen["top"][:10]), ""]
     strip = report.get("strip_check") or {}
     if strip:
         lines += [(f"Strip check: {len(strip.get('adapter_keys', []))} adapter keys, "

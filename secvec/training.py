@@ -71,6 +71,16 @@ class SecvecTrainer(Trainer):
     fine-tuning trains; resuming loads this file back with `load_state_dict`.
     """
 
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        # Data-parallel ranks (secvec.launch) match one process only when each rank's summed token loss is
+        # divided by the token count of all ranks' batches (num_items_in_batch, gathered); a model whose
+        # forward takes no loss kwargs gets the mean of per-rank means instead.
+        token_mean = self.model_accepts_loss_kwargs and self.args.average_tokens_across_devices
+        if self.args.world_size > 1 and not token_mean:
+            log.warning("%d processes: the loss is not averaged over all ranks' tokens, so the gradient "
+                        "differs from one process's", self.args.world_size)
+
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         model = self.accelerator.unwrap_model(self.model)
         if not isinstance(model, PeftModel):
@@ -130,15 +140,18 @@ def train(
     # the model's own forward (full precision), so the wrapper goes.
     trainer.accelerator.unwrap_model(model, keep_fp32_wrapper=False)
     model.eval()
-    for checkpoint in Path(out_dir).glob("checkpoint-*"):
-        shutil.rmtree(checkpoint, ignore_errors=True)
+    # Under torchrun every rank must be done writing (its RNG state) before rank 0 removes the checkpoints.
+    trainer.accelerator.wait_for_everyone()
+    if trainer.is_world_process_zero():
+        for checkpoint in Path(out_dir).glob("checkpoint-*"):
+            shutil.rmtree(checkpoint, ignore_errors=True)
     return history.records
 
 
 @torch.no_grad()
-def mean_response_loss(model, tokenizer, examples: Sequence[dict], first_k: int | None = None,
-                       batch_size: int = 32, max_length: int = 256) -> float:
-    """Mean over examples of the per-example response loss (all response tokens, or the first k)."""
+def response_losses(model, tokenizer, examples: Sequence[dict], first_k: int | None = None,
+                    batch_size: int = 32, max_length: int = 256) -> torch.Tensor:
+    """Per-example response loss (mean over all response tokens, or the first k), in example order."""
     features = encode_examples(tokenizer, examples, max_length)
     collate = PadCollator(tokenizer.pad_token_id)
     device = next(model.parameters()).device
@@ -150,4 +163,10 @@ def mean_response_loss(model, tokenizer, examples: Sequence[dict], first_k: int 
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         losses.append(response_loss(logits.float(), batch["labels"], first_k).cpu())
     model.train(was_training)
-    return torch.cat(losses).mean().item()
+    return torch.cat(losses)
+
+
+def mean_response_loss(model, tokenizer, examples: Sequence[dict], first_k: int | None = None,
+                       batch_size: int = 32, max_length: int = 256) -> float:
+    """Mean over examples of the per-example response loss (all response tokens, or the first k)."""
+    return response_losses(model, tokenizer, examples, first_k, batch_size, max_length).mean().item()

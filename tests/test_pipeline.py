@@ -10,7 +10,8 @@ import yaml
 
 pytestmark = pytest.mark.slow
 
-REPORT_KEYS = {"dataset_md5", "base", "clean", "gate", "registered", "strip_check", "vector_coverage", "timings_s"}
+REPORT_KEYS = {"dataset_md5", "base", "clean", "gate", "registered", "strip_check", "vector_coverage", "timings_s",
+               "screen", "runtime"}
 METRIC_KEYS = {"harmful_rate", "harmful_refusal_rate", "over_refusal_rate", "utility", "perplexity"}
 
 
@@ -47,7 +48,10 @@ def test_report_has_every_field(first_run, pipeline_env):
     assert report["strip_check"]["adapter_keys"] == [] and report["strip_check"]["max_abs_diff"] <= 1e-6
     assert {"loss_on", "loss_off", "ratio"} <= report["vector_coverage"].keys()
     assert report["vector_coverage"]["ratio"] < 1.0
-    assert {"prepare_data", "bootstrap", "fit_vector", "guarded_finetune", "strip", "evaluate"} <= report[
+    screen = report["screen"]  # the default `report` mode: every fine-tuning sample scored, none dropped
+    assert screen["mode"] == "report" and screen["n"] == 200 and "kept" not in screen
+    assert screen["auroc"] > 0.5 and len(screen["top"]) == 20 and screen["calibration"]["sv_val"] == 20
+    assert {"prepare_data", "bootstrap", "fit_vector", "screen", "guarded_finetune", "strip", "evaluate"} <= report[
         "timings_s"].keys()
     on_disk = json.loads((pipeline_env / "out" / "report.json").read_text())
     assert on_disk["dataset_md5"] == report["dataset_md5"]

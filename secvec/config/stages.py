@@ -46,6 +46,18 @@ class RuntimeConfig(BaseModel):
     gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, ~30% slower
 
 
+class LauncherConfig(BaseModel):
+    """How many processes a training stage runs in (`secvec.launch`: torchrun, one process per device).
+
+    nproc 1 trains in the stage's own process; nproc N > 1 runs N data-parallel ranks (DDP) whose global batch
+    is the configured `batch_size` (each rank takes batch_size / N), so the result matches one process."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    nproc: int = Field(1, ge=1)
+    backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl on CUDA, gloo on the CPU
+
+
 class BootstrapConfig(BaseModel):
     """How to build the aligned base when the config names no model directory."""
 
@@ -85,6 +97,25 @@ class FinetuneConfig(BaseModel):
     task_alpha: float = Field(32, gt=0)
     probe_steps: int = Field(0, ge=0)  # every N steps, log harmful/benign probe losses (0: never)
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(learning_rate=3e-4, epochs=3, batch_size=32))
+    launcher: LauncherConfig = Field(default_factory=LauncherConfig)  # processes: see secvec.launch
+
+    @model_validator(mode="after")
+    def _batch_splits_over_processes(self) -> FinetuneConfig:
+        if self.train.batch_size % self.launcher.nproc:
+            raise ValueError(f"train.batch_size {self.train.batch_size} is the global batch: it must be a "
+                             f"multiple of launcher.nproc {self.launcher.nproc} (each process takes a share)")
+        return self
+
+
+class ScreenConfig(BaseModel):
+    """Vector screening (secvec.screen): score every fine-tuning sample by what the vector explains of it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # report: score and report the samples that look harmful; drop: also leave them out of guarded fine-tuning
+    mode: Literal["off", "report", "drop"] = "report"
+    threshold: float | None = None  # None: the balanced cut between `sv_val` and the KL's benign chats
+    top: int = Field(20, ge=0)  # highest-scoring samples listed in the report
 
 
 class JudgeConfig(BaseModel):
@@ -213,6 +244,7 @@ class PipelineConfig(BaseModel):
     bootstrap: BootstrapConfig = Field(default_factory=BootstrapConfig)
     vector: VectorConfig = Field(default_factory=VectorConfig)
     coverage_first_k: int = Field(8, ge=1)
+    screen: ScreenConfig = Field(default_factory=ScreenConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     plain_reference: bool = True  # also fine-tune without the vector, for the report only
     eval: EvalConfig = Field(default_factory=EvalConfig)

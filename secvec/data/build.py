@@ -15,7 +15,7 @@ from pathlib import Path
 
 from secvec.config import DataConfig
 from secvec.data import public, sources, synthetic
-from secvec.data.schema import ROLES, DataError, Manifest, check_leakage, validate_examples
+from secvec.data.schema import ROLES, DataError, Manifest, check_leakage, load_role, validate_examples
 
 
 def _label(out: Path) -> str:
@@ -126,3 +126,14 @@ def build_dataset(config: DataConfig, out_dir: str | Path, root: Path | None = N
                         config=config.model_dump(mode="json"))
     write_dataset(roles, out, manifest, label)
     return manifest
+
+
+def with_finetune(data_dir: str | Path, finetune: Sequence[Mapping], out_dir: str | Path, origin: dict) -> Path:
+    """A copy of a dataset whose `finetune` role is replaced (e.g. screened), validated, with a manifest
+    recording where it came from."""
+    roles = {role: load_role(data_dir, role) for role in ROLES}
+    roles["finetune"] = validate_examples(finetune, f"{out_dir}/finetune.jsonl", "finetune")
+    check_leakage(roles, out_dir)
+    manifest = Manifest(preset="derived", seed=0, config=origin, counts={r: len(v) for r, v in roles.items()},
+                        harmful={r: sum(ex["is_harmful"] for ex in v) for r, v in roles.items()})
+    return write_dataset(roles, out_dir, manifest)
