@@ -20,7 +20,7 @@ from prefect.task_runners import ProcessPoolTaskRunner
 
 from flows.environment import one_prefect_server
 from flows.pipeline import resolve_base
-from secvec.bench.cells import Job, finetune_configs, plan_jobs, pool_sizes, vector_config
+from secvec.bench.cells import Job, base_pipeline, finetune_configs, plan_jobs, pool_sizes, vector_config
 from secvec.bench.immunization import arm_record, unseen_rate, with_immunization
 from secvec.bench.tables import headline_rows, mlflow_metrics, summarize, target_tags, write_tables
 from secvec.config import (
@@ -54,6 +54,7 @@ class Bench:
     cfg: BenchConfig
     pipe: PipelineConfig
     data: DataRef
+    base_seed: int  # which of the bench's bootstrapped bases
     base: ModelRef
     runtime: RuntimeConfig  # pinned: device and precision resolved
     eval_cfg: EvalConfig
@@ -85,7 +86,7 @@ def run_job(bench: Bench, job: Job, pool: DataRef) -> list[dict]:
     cfgs = finetune_configs(bench.pipe.finetune, cell, seed, bench.cfg.epochs, bench.cfg.lora_learning_rate)
     runs: dict[str, dict] = {}
     for arm in cell.arms:
-        label = f"{arm}-{cell.name}-s{seed}"
+        label = f"{arm}-{cell.name}-b{bench.base_seed}-s{seed}"
         if arm == "base":
             runs[arm] = arm_record(arm, bench.base_metrics, bench.base_tasks, bench.unseen(bench.base_metrics))
         elif arm == "plain":
@@ -102,12 +103,12 @@ def run_job(bench: Bench, job: Job, pool: DataRef) -> list[dict]:
             model = bench.finetune(None, kept.data, cfgs["full"]).model
             runs[arm] = bench.score(arm, label, model, data, filter=kept.stats)
     records = with_immunization(runs, bench.base_metrics, bench.base_tasks, bench.unseen(bench.base_metrics), seed)
-    get_run_logger().info("cell %s seed %d: %s", cell.name, seed,
+    get_run_logger().info("cell %s base %d seed %d: %s", cell.name, bench.base_seed, seed,
                           {r["arm"]: (r["harmful_rate"], r["utility"]) for r in records})
-    return records
+    return [{"base_seed": bench.base_seed, **record} for record in records]
 
 
-@task(name="bench-cell", task_run_name="cell-{job.cell.name}-seed{job.seed}")
+@task(name="bench-cell", task_run_name="cell-{job.cell.name}-base{bench.base_seed}-seed{job.seed}")
 def job_task(bench: Bench, job: Job, pool: DataRef) -> list[dict]:
     """`run_job` in a worker process (ProcessPoolTaskRunner) when the bench runs cells in parallel; every
     stage sets the configured threads in the worker."""
@@ -134,23 +135,29 @@ def secvec_bench(config: str = "default", out_dir: str | None = None, workers: i
         tracking.log_config(cfg.model_dump(mode="json"))
         tracking.log_runtime(resolve(rt).describe())
         data = prepare_data(str(pipe.data), str(pipe.data_dir) if pipe.data_dir else None)
-        base, _ = resolve_base(pipe, data, rt, {})
         pool = attack_pool(load_data_config(pipe.data), data, *pool_sizes(cfg))
         eval_cfg = with_judge(cfg.eval or pipe.eval, pipe.data, rt)
-        bench = Bench(cfg, pipe, data, base, rt, eval_cfg, evaluate("base", base, data, eval_cfg, rt),
-                      score_base_tasks("base", base, data, cfg.base_task_examples, rt),
-                      spread(load_role(data.dir, "eval_harmful"), eval_cfg.max_per_role),
-                      {ex["category"] for ex in load_role(data.dir, "sv_fit")})
+        eval_harmful = spread(load_role(data.dir, "eval_harmful"), eval_cfg.max_per_role)
+        seen = {ex["category"] for ex in load_role(data.dir, "sv_fit")}
+        benches = []
+        for b in range(cfg.bases):
+            base, _ = resolve_base(base_pipeline(pipe, b), data, rt, {})
+            benches.append(Bench(cfg, pipe, data, b, base, rt, eval_cfg, evaluate(f"base-b{b}", base, data, eval_cfg, rt),
+                                 score_base_tasks(f"base-b{b}", base, data, cfg.base_task_examples, rt),
+                                 eval_harmful, seen))
+        work = [(bench, job) for bench in benches for job in jobs]
         if workers > 1:
-            for seed in sorted({job.seed for job in jobs}):
-                bench.vector(seed)  # shared by many cells: fitted here, so no two processes write it
-            futures = [job_task.submit(bench, job, pool) for job in jobs]
+            for bench in benches:
+                for seed in sorted({job.seed for job in jobs}):
+                    bench.vector(seed)  # shared by many cells: fitted here, so no two processes write it
+            futures = [job_task.submit(bench, job, pool) for bench, job in work]
             results = [future.result() for future in futures]
         else:
-            results = [run_job(bench, job, pool) for job in jobs]
-        runs = [{**record, "cell": cell.name, "protocol": cell.protocol} for job, records in zip(jobs, results)
+            results = [run_job(bench, job, pool) for bench, job in work]
+        runs = [{**record, "cell": cell.name, "protocol": cell.protocol} for (_, job), records in zip(work, results)
                 for cell in job.cells for record in records if record["arm"] in cell.arms]
-        result = {**summarize(cfg, runs, protocols), "dataset_md5": data.md5, "base_model_sha256": base.sha256,
+        result = {**summarize(cfg, runs, protocols), "dataset_md5": data.md5,
+                  "base_model_sha256": [bench.base.sha256 for bench in benches],
                   "pool_md5": pool.md5, "wall_s": round(time.perf_counter() - start, 1)}
         table = write_tables(result, runs, out)
         mlflow.log_metrics(mlflow_metrics(result))

@@ -128,6 +128,33 @@ def bench(
     typer.echo(f"bench: {result['config']} in {result['wall_s']:.0f} s")
 
 
+@app.command()
+def attack(
+    config: Annotated[str, typer.Option(help="Attack preset (configs/attack/: default, quick) or an attack "
+                                             "YAML.")] = "default",
+    out: Annotated[Path | None, typer.Option(help="Folder for attack.json, the plot and the Optuna study "
+                                                  "(default outputs/attack/<name>).")] = None,
+    threads: Threads = None,
+    device: Device = None,
+    precision: Precision = None,
+) -> None:
+    """Worst-case attacker: per arm, an Optuna search over the attack's hyperparameters (resumable)."""
+    _configure()
+    from flows.attack import secvec_attack
+
+    try:
+        result = secvec_attack(config=config, out_dir=str(out) if out else None,
+                               runtime=_runtime(threads, device, precision))
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from err
+    for arm, r in result["arms"].items():
+        worst = r["worst"] or {}
+        typer.echo(f"{arm}: worst harmful rate {worst.get('harmful_rate')} (utility {worst.get('utility')}, "
+                   f"floor {result['utility_floor']:.3f}) over {r['feasible']}/{r['trials']} trials: "
+                   f"{worst.get('params')}")
+
+
 def _summary(report: dict) -> None:
     from flows.environment import HOST, MLFLOW_PORT
 

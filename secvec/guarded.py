@@ -57,7 +57,9 @@ def add_task_lora(model: PeftModel, cfg: FinetuneConfig) -> None:
     lora = LoraConfig(r=cfg.task_rank, lora_alpha=cfg.task_alpha, lora_dropout=0.0, target_modules=targets,
                       fan_in_fan_out=lora_fan_in_fan_out(model.get_base_model(), targets),
                       bias="none", task_type="CAUSAL_LM")
-    model.add_adapter(TASK_ADAPTER, lora)
+    with torch.random.fork_rng(devices=[]):  # its start depends on the config alone (see attach_vector)
+        torch.manual_seed(cfg.train.seed)
+        model.add_adapter(TASK_ADAPTER, lora)
     model.base_model.set_adapter([VECTOR_NAME, TASK_ADAPTER])
 
 

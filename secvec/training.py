@@ -41,9 +41,10 @@ def training_arguments(cfg: TrainConfig, out_dir: str | Path, hardware: Hardware
         learning_rate=cfg.learning_rate,
         num_train_epochs=cfg.epochs,
         max_steps=cfg.max_steps,
-        lr_scheduler_type="linear",
+        lr_scheduler_type=cfg.scheduler if cfg.scheduler != "constant" else "constant_with_warmup",
         warmup_steps=cfg.warmup_ratio,  # a float < 1 is a ratio of the total steps
         weight_decay=cfg.weight_decay,
+        **({"optim": "sgd"} if cfg.optimizer == "sgd" else {}),  # adamw: the Trainer's default AdamW
         max_grad_norm=cfg.max_grad_norm,
         logging_steps=cfg.logging_steps,
         save_strategy="steps" if cfg.save_steps else "no",
@@ -54,9 +55,9 @@ def training_arguments(cfg: TrainConfig, out_dir: str | Path, hardware: Hardware
         use_cpu=hardware.device == "cpu",
         bf16=hardware.precision == "bf16",  # autocast over fp32 master weights
         fp16=hardware.precision == "fp16",
-        gradient_checkpointing=hardware.gradient_checkpointing,
         # non-reentrant: gradients reach a LoRA whose frozen backbone's inputs need none (vector fitting)
-        gradient_checkpointing_kwargs={"use_reentrant": False} if hardware.gradient_checkpointing else None,
+        **({"activation_checkpointing": True, "activation_checkpointing_kwargs": {"use_reentrant": False}}
+           if hardware.gradient_checkpointing else {}),
         report_to="none",
         remove_unused_columns=False,
         dataloader_num_workers=0,

@@ -65,7 +65,11 @@ def attach_vector(model, cfg: VectorConfig) -> PeftModel:
         bias="none",
         task_type="CAUSAL_LM",
     )
-    peft_model = get_peft_model(model, lora, adapter_name=VECTOR_NAME)
+    # peft draws A from torch's global RNG: seeded here, the vector's start depends on its config alone, not
+    # on what the process computed before (a cached base or a fresh bootstrap)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.train.seed)
+        peft_model = get_peft_model(model, lora, adapter_name=VECTOR_NAME)
     trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
     if not trainable or not all(is_vector_param(n) for n in trainable):
         raise RuntimeError(f"vector fitting must train only the vector, got {sorted(trainable)[:5]}")

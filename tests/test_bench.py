@@ -160,6 +160,11 @@ def test_quick_bench_runs_for_real_and_secvec_blocks_the_harm(tmp_path):
     ppl = {arm: stats["perplexity"]["mean"] for arm, stats in head.items()}
     assert ppl["plain"] < ppl["base"] / 10 and ppl["secvec"] < ppl["base"] / 10, ppl
     assert {"sweep", "durability"} <= {c["protocol"] for c in bench["cells"].values()}
+    # two bootstrapped bases: every cell runs on each, and the headline's spread and worst case cover both
+    assert len(set(bench["base_model_sha256"])) == 2 and {r["base_seed"] for r in bench["runs"]} == {0, 1}
+    assert head["secvec"]["harmful_rate"]["n"] == 2
+    assert head["secvec"]["harmful_rate"]["max"] >= head["secvec"]["harmful_rate"]["mean"]
+    assert "secvec worst run harm vs its base" in {t["target"] for t in bench["targets"]}
     assert all(f.stat().st_size > 1000 for f in (tmp_path / "out").glob("*.png")) and len(
         list((tmp_path / "out").glob("*.png"))) == 2
     assert "secvec harm vs base" in proc.stdout

@@ -120,3 +120,17 @@ def test_vector_keeps_the_epoch_with_the_lowest_held_out_loss(micro_base, world,
     assert mean_response_loss(reloaded, tokenizer, refusals) == pytest.approx(best, abs=1e-5)
     with pytest.raises(ValueError, match="sv_val"):
         fit_vector(load_causal_lm(micro_base)[0], tokenizer, world["sv_fit"], [], cfg, tmp_path / "w")
+
+
+def test_a_fresh_vector_starts_the_same_whatever_the_process_drew_before(micro_base):
+    """peft initialises LoRA A from torch's global RNG; attach_vector seeds it from the config."""
+    from secvec.vector import VectorConfig, attach_vector
+
+    starts = []
+    for noise in (0, 1):
+        torch.manual_seed(noise)
+        torch.rand(7)  # another stage ran before in this process
+        model, _ = load_causal_lm(micro_base)
+        starts.append({k: v.clone() for k, v in attach_vector(model, VectorConfig()).state_dict().items()
+                       if "lora_A" in k})
+    assert starts[0].keys() and all(torch.equal(starts[0][k], starts[1][k]) for k in starts[0])

@@ -9,7 +9,16 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
-from secvec.config import ARMS, PROTOCOLS, BenchConfig, Cell, DataConfig, FinetuneConfig, VectorConfig
+from secvec.config import (
+    ARMS,
+    PROTOCOLS,
+    BenchConfig,
+    Cell,
+    DataConfig,
+    FinetuneConfig,
+    PipelineConfig,
+    VectorConfig,
+)
 from secvec.data import HELD_OUT_ROLES, Manifest, check_leakage, load_role, normalize_prompt, prompt_text
 from secvec.data.build import build_dataset, write_dataset
 
@@ -47,6 +56,17 @@ def pool_sizes(cfg: BenchConfig) -> tuple[int, int]:
     of them draws the same cells as running all)."""
     cells = expand_cells(cfg)
     return max((c.harmful for c in cells), default=0), max((c.benign for c in cells), default=0)
+
+
+def base_pipeline(pipe: PipelineConfig, base_seed: int) -> PipelineConfig:
+    """The pipeline whose base is bootstrapped with this seed (seed 0: the pipeline's own base)."""
+    if pipe.base_model or pipe.base_gguf:
+        if base_seed:
+            raise ValueError("bench.bases > 1 needs a bootstrapped base: a configured model is one base")
+        return pipe
+    boot = pipe.bootstrap
+    return pipe.model_copy(update={"bootstrap": boot.model_copy(
+        update={"train": boot.train.model_copy(update={"seed": base_seed})})})
 
 
 def vector_config(base: VectorConfig, seed: int) -> VectorConfig:

@@ -5,6 +5,7 @@
 - `bench`: the effectiveness benchmark (`secvec bench`).
 """
 
+from secvec.config.attack import AttackConfig, AttackSpace, load_attack_config
 from secvec.config.bench import (
     ARMS,
     PROTOCOLS,
@@ -41,6 +42,8 @@ __all__ = [
     "PRESETS_DIR",
     "PROTOCOLS",
     "Arm",
+    "AttackConfig",
+    "AttackSpace",
     "BenchConfig",
     "BootstrapConfig",
     "Cell",
@@ -64,6 +67,7 @@ __all__ = [
     "TrainConfig",
     "VectorConfig",
     "check_path",
+    "load_attack_config",
     "load_bench_config",
     "load_data_config",
     "load_pipeline_config",

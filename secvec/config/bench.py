@@ -84,6 +84,9 @@ class BenchConfig(BaseModel):
     name: str
     pipeline: str = "default"  # preset or pipeline YAML: data, base, vector, fine-tuning and evaluation
     epochs: float | None = Field(None, gt=0)  # fine-tuning epochs of every cell; None: the pipeline's
+    # Independently bootstrapped bases (bootstrap seeds 0..bases-1; base 0 is the pipeline's): every cell and
+    # seed runs on each, so the spread covers the base too. 1 with a configured base_model.
+    bases: int = Field(1, ge=1)
     lora_learning_rate: float = Field(1e-3, gt=0)  # secvec_lora: the task LoRA learns at this rate (x lr_scale)
     paper: PaperProtocol | None = Field(default_factory=PaperProtocol)
     sweep: SweepProtocol | None = Field(default_factory=SweepProtocol)

@@ -28,6 +28,8 @@ class TrainConfig(BaseModel):
     logging_steps: int = Field(10, ge=1)
     save_steps: int = Field(0, ge=0)  # checkpoint every N steps so a killed run resumes; 0: never
     progress_bar: bool = True
+    optimizer: Literal["adamw", "sgd"] = "adamw"  # sgd: plain SGD (an attacker's choice in `secvec attack`)
+    scheduler: Literal["linear", "constant", "cosine"] = "linear"  # after the warm-up
 
 
 class RuntimeConfig(BaseModel):

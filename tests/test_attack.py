@@ -1,0 +1,76 @@
+"""The worst-case attacker: its search space and bookkeeping, then `secvec attack --config quick` for real."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+
+from secvec.attack import (
+    CONSTRAINT,
+    AttackParams,
+    attack_finetune,
+    completed,
+    open_study,
+    suggest,
+    worst_case,
+)
+from secvec.config import AttackSpace, FinetuneConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_plain_arm_never_draws_a_task_lora_and_the_draw_shapes_the_fine_tuning():
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0), direction="maximize")
+    draws = [suggest(study.ask(), AttackSpace(), "plain") for _ in range(20)]
+    assert {d.mode for d in draws} == {"full"} and len({d.optimizer for d in draws}) == 2
+    params = AttackParams(lr_scale=10.0, epochs=2, optimizer="sgd", mode="lora", scheduler="cosine", harmful=100)
+    cfg = attack_finetune(FinetuneConfig(), params, epochs_scale=0.5, lora_learning_rate=1e-3)
+    assert cfg.mode == "lora" and cfg.train.learning_rate == pytest.approx(1e-2) and cfg.train.epochs == 1.0
+    assert (cfg.train.optimizer, cfg.train.scheduler) == ("sgd", "cosine")
+
+
+def test_the_worst_case_counts_only_attacks_above_the_utility_floor(tmp_path):
+    study = open_study(tmp_path / "study.db", "s", seed=0)
+
+    def objective(trial):
+        harm = trial.suggest_float("x", 0, 1)
+        trial.set_user_attr("utility", 1 - harm)
+        trial.set_user_attr(CONSTRAINT, 0.5 - (1 - harm))  # harm above 0.5 costs the task
+        return harm
+
+    study.optimize(objective, n_trials=8)
+    result = worst_case(open_study(tmp_path / "study.db", "s", seed=0))  # reopened: the same trials
+    assert result["trials"] == len(completed(study)) == 8
+    feasible = [h["harmful_rate"] for h in result["history"] if h["harmful_rate"] <= 0.5]
+    assert result["feasible"] == len(feasible) and result["worst"]["harmful_rate"] == max(feasible)
+
+
+@pytest.mark.slow
+def test_quick_attack_searches_for_real_and_resumes_without_new_trials(tmp_path):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # nobody listens: a temporary Prefect server, not a running `make ui`
+    env = {**os.environ, "SECVEC_CACHE": str(tmp_path / "cache"), "PREFECT_HOME": str(tmp_path / "prefect"),
+           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "SECVEC_PREFECT_PORT": str(port)}
+    env.pop("PREFECT_API_URL", None)
+    command = [str(Path(sys.executable).with_name("secvec")), "attack", "--config", "quick", "--out", str(tmp_path / "out")]
+    first = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500, check=False)
+    assert first.returncode == 0, first.stderr[-3000:]
+    result = json.loads((tmp_path / "out" / "attack.json").read_text())
+    # the 0.1M micro model gets no sort exactly right (utility 0): on micro the floor admits every attack
+    assert set(result["arms"]) == {"plain", "secvec"} and result["utility_floor"] >= 0
+    for arm, r in result["arms"].items():
+        assert r["trials"] == 3 and len(r["history"]) == 3, (arm, r)
+        if r["worst"]:
+            assert r["worst"]["utility"] >= result["utility_floor"]
+    assert (tmp_path / "out" / "attack_history.png").stat().st_size > 1000
+    again = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads((tmp_path / "out" / "attack.json").read_text())["arms"] == result["arms"]  # no new trial
