@@ -73,6 +73,15 @@ def _runtime(threads: int | None, device: str | None, precision: str | None) -> 
     return {k: v for k, v in {"threads": threads, "device": device, "precision": precision}.items() if v is not None}
 
 
+def _call(flow_fn, **kwargs):
+    """Run a flow; bad input (a config, data or model error) prints `error: ...` and exits with code 2."""
+    try:
+        return flow_fn(**kwargs)
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from err
+
+
 @app.command()
 def run(
     config: Annotated[str, typer.Option(help="Preset name (default, public, micro) or a pipeline YAML.")] = "default",
@@ -85,13 +94,8 @@ def run(
     _configure()
     from flows.pipeline import secvec_pipeline
 
-    try:
-        report = secvec_pipeline(config=config, out_dir=str(out) if out else None,
-                                 runtime=_runtime(threads, device, precision))
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(2) from err
-    _summary(report)
+    _summary(_call(secvec_pipeline, config=config, out_dir=str(out) if out else None,
+                   runtime=_runtime(threads, device, precision)))
 
 
 @app.command()
@@ -115,13 +119,9 @@ def bench(
     _configure()
     from flows.bench import run_bench
 
-    try:
-        result = run_bench(config="quick" if quick else config, out_dir=str(out) if out else None,
-                           workers=workers, protocols=tuple(protocol) if protocol else None,
-                           runtime=_runtime(threads, device, precision))
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(2) from err
+    result = _call(run_bench, config="quick" if quick else config, out_dir=str(out) if out else None,
+                   workers=workers, protocols=tuple(protocol) if protocol else None,
+                   runtime=_runtime(threads, device, precision))
     for target in result["targets"]:
         value = "-" if target["value"] is None else f"{target['value']:.3f}"
         typer.echo(f"{'ok  ' if target['passed'] else 'MISS'} {target['target']}: {value} ({target['goal']})")
@@ -142,12 +142,8 @@ def attack(
     _configure()
     from flows.attack import secvec_attack
 
-    try:
-        result = secvec_attack(config=config, out_dir=str(out) if out else None,
-                               runtime=_runtime(threads, device, precision))
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(2) from err
+    result = _call(secvec_attack, config=config, out_dir=str(out) if out else None,
+                   runtime=_runtime(threads, device, precision))
     for arm, r in result["arms"].items():
         worst = r["worst"] or {}
         typer.echo(f"{arm}: worst harmful rate {worst.get('harmful_rate')} (utility {worst.get('utility')}, "

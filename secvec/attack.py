@@ -16,7 +16,7 @@ import optuna
 from pydantic import BaseModel, ConfigDict
 
 from secvec.config import AttackSpace, FinetuneConfig
-from secvec.report import pyplot
+from secvec.report import pyplot, save_rate_plot
 
 CONSTRAINT = "constraint"  # user attr: utility floor minus utility (<= 0: the attack kept the task)
 
@@ -103,11 +103,4 @@ def plot_history(results: dict[str, dict], path: Path) -> Path:
             best = max(best, h["harmful_rate"]) if h["feasible"] else best
             running.append(best if best > float("-inf") else float("nan"))
         line.set_data([h["number"] for h in history], running)
-    ax.set_xlabel("trial")
-    ax.set_ylabel("harmful rate (x: below the utility floor)")
-    ax.set_ylim(-0.02, 1.02)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_rate_plot(fig, ax, path, "trial", "harmful rate (x: below the utility floor)")

@@ -118,6 +118,19 @@ def pyplot():
     return plt
 
 
+def save_rate_plot(fig, ax, path: str | Path, xlabel: str, ylabel: str, dpi: int = 110) -> Path:
+    """Label a plot of rates (0 to 1), add its legend, save it to `path` and free it."""
+    plt = pyplot()
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return Path(path)
+
+
 def plot_probe_losses(arms: dict[str, Sequence[dict]], path: str | Path) -> Path:
     """Loss of harmful vs benign samples during fine-tuning, per arm (e.g. plain vs guarded).
 

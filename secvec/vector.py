@@ -23,7 +23,7 @@ from secvec.config import VectorConfig
 from secvec.data import load_role
 from secvec.device import CPU, Hardware
 from secvec.encoding import encode_examples
-from secvec.models import find_lora_targets, lora_fan_in_fan_out, sha256_file
+from secvec.models import find_lora_targets, load_causal_lm, lora_fan_in_fan_out, sha256_file
 from secvec.training import SecvecTrainer, mean_response_loss, train
 
 log = logging.getLogger(__name__)
@@ -255,6 +255,13 @@ def load_vector(model, vector_dir: str | Path, base_model_hash: str | None = Non
     peft_model = PeftModel.from_pretrained(model, path / VECTOR_NAME, adapter_name=VECTOR_NAME, is_trainable=False)
     freeze_vector(peft_model)
     return peft_model
+
+
+def load_with_vector(base_dir: str | Path, vector_dir: str | Path, base_sha256: str, device: str = "cpu",
+                     dtype: torch.dtype = torch.float32) -> tuple[PeftModel, object]:
+    """The base model from its directory with the saved vector attached (active, frozen), and its tokenizer."""
+    model, tokenizer = load_causal_lm(base_dir, device=device, dtype=dtype)
+    return load_vector(model, vector_dir, base_sha256), tokenizer
 
 
 def vector_coverage(peft_model: PeftModel, tokenizer, examples: Sequence[dict], first_k: int = 8) -> dict:

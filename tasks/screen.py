@@ -10,10 +10,9 @@ from pydantic import BaseModel, ConfigDict
 from secvec.config import RuntimeConfig, ScreenConfig
 from secvec.data import load_role
 from secvec.data.build import with_finetune
-from secvec.models import load_causal_lm
 from secvec.refs import DataRef, ModelRef, VectorRef
 from secvec.screen import balanced_threshold, screen_report, vector_scores
-from secvec.vector import kl_examples, load_vector
+from secvec.vector import kl_examples, load_with_vector
 from tasks.common import hardware, log, stage
 
 
@@ -31,8 +30,7 @@ def screen(base: ModelRef, vector: VectorRef, data: DataRef, cfg: ScreenConfig, 
            out: Path) -> Screened:
     """Score the fine-tuning set; the threshold, unless configured, from `sv_val` vs the KL's benign chats."""
     hw = hardware(runtime)
-    model, tokenizer = load_causal_lm(base.dir, device=hw.device, dtype=hw.compute_dtype)
-    guarded = load_vector(model, vector.dir, base.sha256)
+    guarded, tokenizer = load_with_vector(base.dir, vector.dir, base.sha256, hw.device, hw.compute_dtype)
     examples = load_role(data.dir, "finetune")
     threshold = cfg.threshold
     calibration = {}

@@ -8,7 +8,7 @@ from secvec.config import RuntimeConfig, VectorConfig
 from secvec.data import load_role
 from secvec.models import load_causal_lm
 from secvec.refs import DataRef, FittedVector, ModelRef, VectorRef
-from secvec.vector import fit_vector, kl_examples, load_vector, vector_coverage
+from secvec.vector import fit_vector, kl_examples, load_with_vector, vector_coverage
 from tasks.common import PrefectProgress, hardware, log, stage
 
 
@@ -33,8 +33,7 @@ def check_coverage(base: ModelRef, vector: VectorRef, data: DataRef, first_k: in
                    out: Path) -> dict:
     """Harmful loss with the vector on/off on the fine-tuning set's harmful samples and on `sv_val`."""
     hw = hardware(runtime)
-    model, tokenizer = load_causal_lm(base.dir, device=hw.device, dtype=hw.compute_dtype)
-    guarded = load_vector(model, vector.dir, base.sha256)
+    guarded, tokenizer = load_with_vector(base.dir, vector.dir, base.sha256, hw.device, hw.compute_dtype)
     sets = {"finetune": [ex for ex in load_role(data.dir, "finetune") if ex["is_harmful"]],
             "validation": load_role(data.dir, "sv_val")}
     result = {name: vector_coverage(guarded, tokenizer, examples, first_k) if examples else None

@@ -11,7 +11,7 @@ from pathlib import Path
 from secvec.bench.cells import expand_cells
 from secvec.bench.immunization import rise
 from secvec.config import BenchConfig
-from secvec.report import plot_probe_losses, pyplot
+from secvec.report import plot_probe_losses, pyplot, save_rate_plot
 
 METRICS = ("harmful_rate", "harmful_refusal_rate", "over_refusal_rate", "utility", "perplexity", "resistance",
            "stability", "generalization", "trainability")
@@ -131,14 +131,7 @@ def plot_sweep(bench: Mapping, path: str | Path) -> Path | None:
                   if n in per_cell and per_cell[n]["harmful_rate"]]
         if points:
             ax.plot(*zip(*points, strict=True), marker="o", label=arm)
-    ax.set_xlabel("harmful share p of the fine-tuning data")
-    ax.set_ylabel("harmful rate")
-    ax.set_ylim(-0.02, 1.02)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return save_rate_plot(fig, ax, path, "harmful share p of the fine-tuning data", "harmful rate", dpi=120)
 
 
 def write_tables(bench: Mapping, runs: Sequence[Mapping], out: Path) -> str:
