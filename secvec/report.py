@@ -80,9 +80,9 @@ def markdown(report: dict) -> str:
                   f"(first {cov.get('first_k')} tokens: {_fmt(cov.get('first_k_ratio'))})."), ""]
     if screen := report.get("screen"):
         quality = ", ".join(f"{k} {_fmt(screen.get(k))}" for k in ("auroc", "precision", "recall"))
+        kept = f"; {screen['kept']} kept for guarded fine-tuning." if "kept" in screen else "."
         lines += [(f"Vector screen ({screen['mode']}): {screen['flagged']} of {screen['n']} fine-tuning samples score "
-                   f"above {_fmt(screen['threshold'])} (against their labels: {quality})"
-                   + (f"; {screen['kept']} kept for guarded fine-tuning." if "kept" in screen else "."), "")]
+                  f"above {_fmt(screen['threshold'])} (against their labels: {quality}){kept}"), ""]
         lines += ["| id | score | labelled harmful |", "|---|---|---|",
                   *(f"| {t['id']} | {t['score']:.3f} | {t['is_harmful']} |" for t in screen["top"][:10]), ""]
     strip = report.get("strip_check") or {}
