@@ -6,6 +6,7 @@ the project's defaults for them.
 
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 from typing import Annotated
@@ -73,8 +74,12 @@ def _runtime(threads: int | None, device: str | None, precision: str | None) -> 
     return {k: v for k, v in {"threads": threads, "device": device, "precision": precision}.items() if v is not None}
 
 
-def _call(flow_fn, **kwargs):
-    """Run a flow; bad input (a config, data or model error) prints `error: ...` and exits with code 2."""
+def _call(target: str, **kwargs):
+    """Run the flow `module:function` (imported after `configure()`); bad input (a config, data or model
+    error) prints `error: ...` and exits with code 2."""
+    _configure()
+    module, _, name = target.partition(":")
+    flow_fn = getattr(importlib.import_module(module), name)
     try:
         return flow_fn(**kwargs)
     except (ValueError, FileNotFoundError, RuntimeError) as err:
@@ -91,10 +96,7 @@ def run(
     precision: Precision = None,
 ) -> None:
     """Run the whole pipeline: data, vector, guarded fine-tuning, stripping, evaluation, gate, registry."""
-    _configure()
-    from flows.pipeline import secvec_pipeline
-
-    _summary(_call(secvec_pipeline, config=config, out_dir=str(out) if out else None,
+    _summary(_call("flows.pipeline:secvec_pipeline", config=config, out_dir=str(out) if out else None,
                    runtime=_runtime(threads, device, precision)))
 
 
@@ -116,10 +118,7 @@ def bench(
     precision: Precision = None,
 ) -> None:
     """Effectiveness benchmark: base, plain, secvec, secvec_lora and ForgetFilter on each protocol cell."""
-    _configure()
-    from flows.bench import run_bench
-
-    result = _call(run_bench, config="quick" if quick else config, out_dir=str(out) if out else None,
+    result = _call("flows.bench:run_bench", config="quick" if quick else config, out_dir=str(out) if out else None,
                    workers=workers, protocols=tuple(protocol) if protocol else None,
                    runtime=_runtime(threads, device, precision))
     for target in result["targets"]:
@@ -130,19 +129,16 @@ def bench(
 
 @app.command()
 def attack(
+    threads: Threads = None,
+    device: Device = None,
+    precision: Precision = None,
     config: Annotated[str, typer.Option(help="Attack preset (configs/attack/: default, quick) or an attack "
                                              "YAML.")] = "default",
     out: Annotated[Path | None, typer.Option(help="Folder for attack.json, the plot and the Optuna study "
                                                   "(default outputs/attack/<name>).")] = None,
-    threads: Threads = None,
-    device: Device = None,
-    precision: Precision = None,
 ) -> None:
     """Worst-case attacker: per arm, an Optuna search over the attack's hyperparameters (resumable)."""
-    _configure()
-    from flows.attack import secvec_attack
-
-    result = _call(secvec_attack, config=config, out_dir=str(out) if out else None,
+    result = _call("flows.attack:secvec_attack", config=config, out_dir=str(out) if out else None,
                    runtime=_runtime(threads, device, precision))
     for arm, r in result["arms"].items():
         worst = r["worst"] or {}

@@ -31,20 +31,22 @@ class Cell(BaseModel):
     arms: tuple[Arm, ...] = ARMS
 
 
-class PaperProtocol(BaseModel):
-    """Zhou et al. 2023: vector from ~100 harmful samples, attack with 1000 harmful samples + the benign task."""
+class Protocol(BaseModel):
+    """A bench protocol's settings: strict and frozen like every config."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PaperProtocol(Protocol):
+    """Zhou et al. 2023: vector from ~100 harmful samples, attack with 1000 harmful samples + the benign task."""
 
     harmful: int = Field(1000, ge=1)
     benign: int = Field(1000, ge=1)
     seeds: int = Field(3, ge=1)  # the headline rows: mean and std over seeds
 
 
-class SweepProtocol(BaseModel):
+class SweepProtocol(Protocol):
     """The field's protocol (Vaccine, Lisa, Booster): n fine-tuning samples, a share p of them harmful."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     n: int = Field(1000, ge=1)
     p: tuple[float, ...] = (0.0, 0.05, 0.1, 0.2)
@@ -52,10 +54,8 @@ class SweepProtocol(BaseModel):
     arms: tuple[Arm, ...] = ARMS
 
 
-class DurabilityProtocol(BaseModel):
+class DurabilityProtocol(Protocol):
     """A stronger attacker: learning rate x scale and more epochs, then many more harmful samples."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     harmful: int = Field(1000, ge=1)
     benign: int = Field(1000, ge=0)
