@@ -2,32 +2,29 @@
 weights, and the security vector is bit-identical to the one loaded."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from secvec.guarded import vector_snapshot
+from secvec.launch import torchrun
 from secvec.models import load_causal_lm
 from secvec.vector import load_vector
 
-WORKER = Path(__file__).with_name("ddp_worker.py")
+TESTS = Path(__file__).parent
+WORKER = "ddp_worker"  # tests/ddp_worker.py, imported by the ranks through PYTHONPATH
 
 
 @pytest.mark.slow
 def test_two_ranks_end_identical_with_the_vector_untouched(micro_base, micro_vector, world, tmp_path):
     data = tmp_path / "data.json"
     data.write_text(json.dumps(world["harmful_ft"] + world["benign_ft"]))  # 144 examples
-    torchrun = Path(sys.executable).with_name("torchrun")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    # --standalone: a local rendezvous on a free port (a fixed --master_port could clash with another run).
-    run = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", str(WORKER),
-                          str(micro_base), str(micro_vector), str(data), str(tmp_path)],
-                         capture_output=True, text=True, timeout=180, check=False, env=env)
-    assert run.returncode == 0, run.stderr[-3000:]
+    # The launcher's torchrun (secvec.launch): output streamed to the log, a LaunchError with each failing
+    # rank's traceback. Unlike tests/test_launch.py (the stage, global batch split over the ranks), this runs
+    # `guarded.finetune` itself on each rank (batch 8 per rank) and checks every rank's replica.
+    torchrun(WORKER, [str(micro_base), str(micro_vector), str(data), str(tmp_path)], 2, tmp_path / "launch",
+             env={"OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS)}, timeout=180)
 
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
     assert [r["world_size"] for r in ranks] == [2, 2]
