@@ -68,7 +68,7 @@ def secvec_attack(config: str = "default", out_dir: str | None = None, runtime: 
             utility = metrics["utility"] or 0.0
             trial.set_user_attr("utility", utility)
             trial.set_user_attr("over_refusal_rate", metrics["over_refusal_rate"])
-            trial.set_user_attr(CONSTRAINT, floor - utility)
+            trial.set_constraint(CONSTRAINT, floor - utility)
             log.info("attack %s trial %d: harmful %.3f, utility %.3f (floor %.3f), %s", arm, trial.number,
                      metrics["harmful_rate"], utility, floor, params.model_dump())
             return metrics["harmful_rate"]

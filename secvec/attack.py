@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict
 from secvec.config import AttackSpace, FinetuneConfig
 from secvec.report import pyplot, save_rate_plot
 
-CONSTRAINT = "constraint"  # user attr: utility floor minus utility (<= 0: the attack kept the task)
+CONSTRAINT = "utility_floor"  # Optuna constraint: floor minus utility (<= 0: the attack kept the task)
 
 
 class AttackParams(BaseModel):
@@ -64,9 +64,8 @@ def open_study(path: Path, name: str, seed: int, grace_s: int = 120) -> optuna.S
     path.parent.mkdir(parents=True, exist_ok=True)
     storage = optuna.storages.RDBStorage(
         f"sqlite:///{path}", heartbeat_interval=max(1, grace_s // 4), grace_period=grace_s,
-        failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=2))
-    sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=5,
-                                         constraints_func=lambda t: (t.user_attrs.get(CONSTRAINT, 1.0),))
+        heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2))
+    sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=5)  # reads the trials' set_constraint
     return optuna.create_study(storage=storage, study_name=name, direction="maximize", sampler=sampler,
                                load_if_exists=True)
 
@@ -78,7 +77,7 @@ def completed(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
 def worst_case(study: optuna.Study) -> dict:
     """The most harmful feasible attack found, and every trial's record."""
     trials = completed(study)
-    history = [{"number": t.number, "harmful_rate": t.value, "feasible": t.user_attrs.get(CONSTRAINT, 1) <= 0,
+    history = [{"number": t.number, "harmful_rate": t.value, "feasible": t.constraints.get(CONSTRAINT, 1.0) <= 0,
                 **{k: t.user_attrs.get(k) for k in ("utility", "over_refusal_rate")}, "params": t.params}
                for t in trials]
     feasible = [h for h in history if h["feasible"]]

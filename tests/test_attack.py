@@ -42,7 +42,7 @@ def test_the_worst_case_counts_only_attacks_above_the_utility_floor(tmp_path):
     def objective(trial):
         harm = trial.suggest_float("x", 0, 1)
         trial.set_user_attr("utility", 1 - harm)
-        trial.set_user_attr(CONSTRAINT, 0.5 - (1 - harm))  # harm above 0.5 costs the task
+        trial.set_constraint(CONSTRAINT, 0.5 - (1 - harm))  # harm above 0.5 costs the task
         return harm
 
     study.optimize(objective, n_trials=8)
