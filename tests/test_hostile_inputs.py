@@ -360,7 +360,7 @@ def test_build_never_replaces_what_is_not_a_dataset(tmp_path, kind):
     assert build_dataset(DataConfig(preset="micro"), out).counts["finetune"] == 200  # a build replaces a build
 
 
-SHIPPED = sorted((PROJECT_ROOT / "configs").glob("*.yaml"))
+SHIPPED = sorted([*(PROJECT_ROOT / "configs").glob("*.yaml"), *(PROJECT_ROOT / "configs" / "ablations").glob("*.yaml")])
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
