@@ -23,7 +23,7 @@ from secvec.attack import (
     worst_case,
 )
 from secvec.config import load_attack_config, load_data_config, load_pipeline_config, with_runtime
-from secvec.device import apply_threads, pinned, resolve
+from secvec.device import start
 from secvec.paths import PROJECT_ROOT
 from tasks import tracking
 from tasks.bench import attack_pool, cell_data
@@ -40,14 +40,13 @@ def secvec_attack(config: str = "default", out_dir: str | None = None, runtime: 
     `<out>/study.db`: a re-run adds only the trials still missing."""
     cfg = load_attack_config(config)
     pipe = with_runtime(load_pipeline_config(cfg.pipeline), runtime or {})
-    rt = pinned(pipe.runtime)
-    apply_threads(resolve(rt))
+    rt, hw = start(pipe.runtime)
     out = Path(out_dir) if out_dir else PROJECT_ROOT / "outputs" / "attack" / cfg.name
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the flow logs each trial itself
     log = get_run_logger()
     with tracking.start_run(cfg.experiment, PROJECT_ROOT, run_name=cfg.name):
         tracking.log_config(cfg.model_dump(mode="json"))
-        tracking.log_runtime(resolve(rt).describe())
+        tracking.log_runtime(hw.describe())
         data = prepare_data(str(pipe.data), str(pipe.data_dir) if pipe.data_dir else None)
         base, _ = resolve_base(pipe, data, rt, {})
         vector = fit_security_vector(base, data, pipe.vector, rt).vector

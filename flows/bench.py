@@ -34,7 +34,7 @@ from secvec.config import (
     with_runtime,
 )
 from secvec.data import load_role
-from secvec.device import apply_threads, pinned, resolve
+from secvec.device import start
 from secvec.evaluate import spread
 from secvec.paths import PROJECT_ROOT
 from secvec.refs import DataRef, ModelRef
@@ -122,18 +122,17 @@ def secvec_bench(config: str = "default", out_dir: str | None = None, workers: i
     bench.json's content. workers > 1 runs cells in that many processes, each with the runtime's threads."""
     cfg = load_bench_config(config)
     pipe = with_runtime(load_pipeline_config(cfg.pipeline), runtime or {})
-    rt = pinned(pipe.runtime)
-    apply_threads(resolve(rt))
+    rt, hw = start(pipe.runtime)
     if workers * rt.threads > len(os.sched_getaffinity(0)):
         get_run_logger().warning("%d workers x %d threads exceed the %d cores: every matmul will stall", workers,
                                  rt.threads, len(os.sched_getaffinity(0)))
     cfg = cfg.model_copy(update={"epochs": cfg.epochs or pipe.finetune.train.epochs})  # cells that set none
     jobs = plan_jobs(cfg, pipe.finetune, protocols)  # an unknown protocol fails here, before any work
     out = Path(out_dir) if out_dir else PROJECT_ROOT / "outputs" / "bench" / cfg.name
-    start = time.perf_counter()
+    started = time.perf_counter()
     with tracking.start_run(cfg.experiment, PROJECT_ROOT, run_name=cfg.name):
         tracking.log_config(cfg.model_dump(mode="json"))
-        tracking.log_runtime(resolve(rt).describe())
+        tracking.log_runtime(hw.describe())
         data = prepare_data(str(pipe.data), str(pipe.data_dir) if pipe.data_dir else None)
         pool = attack_pool(load_data_config(pipe.data), data, *pool_sizes(cfg))
         eval_cfg = with_judge(cfg.eval or pipe.eval, pipe.data, rt)
@@ -158,7 +157,7 @@ def secvec_bench(config: str = "default", out_dir: str | None = None, workers: i
                 for cell in job.cells for record in records if record["arm"] in cell.arms]
         result = {**summarize(cfg, runs, protocols), "dataset_md5": data.md5,
                   "base_model_sha256": [bench.base.sha256 for bench in benches],
-                  "pool_md5": pool.md5, "wall_s": round(time.perf_counter() - start, 1)}
+                  "pool_md5": pool.md5, "wall_s": round(time.perf_counter() - started, 1)}
         table = write_tables(result, runs, out)
         mlflow.log_metrics(mlflow_metrics(result))
         mlflow.set_tags(target_tags(result))

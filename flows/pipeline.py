@@ -12,7 +12,8 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from secvec.config import PipelineConfig, RuntimeConfig, load_pipeline_config, with_runtime
-from secvec.device import apply_threads, pinned, resolve
+from secvec.convert import gguf_sha256, packaged_gguf
+from secvec.device import start
 from secvec.gate import gate_coverage
 from secvec.models import check_model_dir
 from secvec.paths import PROJECT_ROOT
@@ -21,6 +22,7 @@ from secvec.registry import version_tags
 from secvec.report import build_report, markdown, metrics_table, plot_metrics, plot_probe_losses, write_report
 from tasks import tracking
 from tasks.bootstrap import bootstrap
+from tasks.convert import convert
 from tasks.data import log_dataset_to_mlflow, prepare_data
 from tasks.evaluate import evaluate, with_judge
 from tasks.finetune import finetune_backbone
@@ -44,9 +46,6 @@ def resolve_base(cfg: PipelineConfig, data: DataRef, runtime: RuntimeConfig, tim
     if cfg.base_model:
         return ModelRef.of(check_model_dir(cfg.base_model, allow_pickle=cfg.allow_pickle)), False
     if cfg.base_gguf:
-        from secvec.convert import gguf_sha256, packaged_gguf
-        from tasks.convert import convert
-
         src = cfg.base_gguf
         gguf = packaged_gguf(src.package, src.file) if src.package else src.path
         with stage("convert_gguf", timings):
@@ -66,11 +65,10 @@ def secvec_pipeline(config: str = "default", out_dir: str | None = None, runtime
     cfg = with_runtime(load_pipeline_config(config), runtime or {})
     out = Path(out_dir) if out_dir else PROJECT_ROOT / "outputs" / cfg.name
     timings: dict[str, float] = {}
-    rt = pinned(cfg.runtime)
-    apply_threads(resolve(rt))
+    rt, hw = start(cfg.runtime)
     with tracking.start_run(cfg.experiment, PROJECT_ROOT, run_name=cfg.name) as run:
         tracking.log_config(cfg.model_dump(mode="json"))
-        tracking.log_runtime(resolve(rt).describe())
+        tracking.log_runtime(hw.describe())
         with stage("prepare_data", timings):
             data = prepare_data(str(cfg.data), str(cfg.data_dir) if cfg.data_dir else None)
         log_dataset_to_mlflow(data)
@@ -115,7 +113,7 @@ def secvec_pipeline(config: str = "default", out_dir: str | None = None, runtime
 
         report = build_report(cfg.name, data, base, bootstrapped, fitted.vector, metrics, decision.model_dump(),
                               cfg.gate.model_dump(), registered, clean.strip_check, coverage, timings,
-                              screened.report if screened else None, resolve(rt).describe(),
+                              screened.report if screened else None, hw.describe(),
                               {"run_id": run.info.run_id, "experiment": cfg.experiment,
                                "tracking_uri": mlflow.get_tracking_uri()}, out)
         publish(report, {k: m["samples"] for k, m in metrics.items()}, guarded, plain, out)

@@ -90,5 +90,12 @@ def apply_threads(hw: Hardware) -> None:
 def pinned(cfg: RuntimeConfig) -> RuntimeConfig:
     """`cfg` with `auto` replaced by what this machine resolves it to: what stages are keyed on, so a cache
     shared by a CPU and a GPU machine never mixes their results."""
+    return start(cfg, apply=False)[0]
+
+
+def start(cfg: RuntimeConfig, apply: bool = True) -> tuple[RuntimeConfig, Hardware]:
+    """A run's runtime: the pinned config its stages are keyed on, the resolved hardware, threads applied."""
     hw = resolve(cfg)
-    return cfg.model_copy(update={"device": hw.device, "precision": hw.precision})
+    if apply:
+        apply_threads(hw)
+    return cfg.model_copy(update={"device": hw.device, "precision": hw.precision}), hw

@@ -153,7 +153,4 @@ def write_cell_dataset(data_dir: str | Path, finetune: Sequence[dict], out: Path
     """A dataset folder for one cell: its fine-tuning set plus the main dataset's held-out roles."""
     roles = {"finetune": list(finetune), **{role: load_role(data_dir, role) for role in CELL_ROLES}}
     check_leakage(roles, out)
-    manifest = Manifest(preset="bench-cell", seed=origin.get("seed", 0), config=origin,
-                        counts={r: len(v) for r, v in roles.items()},
-                        harmful={r: sum(ex["is_harmful"] for ex in v) for r, v in roles.items()})
-    return write_dataset(roles, out, manifest)
+    return write_dataset(roles, out, Manifest.of(roles, "bench-cell", origin.get("seed", 0), origin))

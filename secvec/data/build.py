@@ -121,9 +121,7 @@ def build_dataset(config: DataConfig, out_dir: str | Path, root: Path | None = N
             raise DataError.at(f"{label}/{role}.jsonl", None, "sizes", f"role {role!r} came out empty")
         roles[role] = validate_examples(examples, f"{label}/{role}.jsonl", role, config.max_chars)
     check_leakage(roles, label)
-    manifest = Manifest(preset=config.preset, seed=config.seed, counts={r: len(roles[r]) for r in ROLES},
-                        harmful={r: sum(ex["is_harmful"] for ex in roles[r]) for r in ROLES},
-                        config=config.model_dump(mode="json"))
+    manifest = Manifest.of(roles, config.preset, config.seed, config.model_dump(mode="json"))
     write_dataset(roles, out, manifest, label)
     return manifest
 
@@ -134,6 +132,4 @@ def with_finetune(data_dir: str | Path, finetune: Sequence[Mapping], out_dir: st
     roles = {role: load_role(data_dir, role) for role in ROLES}
     roles["finetune"] = validate_examples(finetune, f"{out_dir}/finetune.jsonl", "finetune")
     check_leakage(roles, out_dir)
-    manifest = Manifest(preset="derived", seed=0, config=origin, counts={r: len(v) for r, v in roles.items()},
-                        harmful={r: sum(ex["is_harmful"] for ex in v) for r, v in roles.items()})
-    return write_dataset(roles, out_dir, manifest)
+    return write_dataset(roles, out_dir, Manifest.of(roles, "derived", 0, origin))

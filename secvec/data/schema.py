@@ -74,6 +74,12 @@ class Manifest(BaseModel):
     harmful: dict[str, int]
     config: dict[str, Any]
 
+    @classmethod
+    def of(cls, roles: Mapping[str, Sequence[Mapping]], preset: str, seed: int, config: dict[str, Any]) -> Manifest:
+        """The manifest of these roles: examples and harmful ones per role."""
+        return cls(preset=preset, seed=seed, config=config, counts={r: len(v) for r, v in roles.items()},
+                   harmful={r: sum(ex["is_harmful"] for ex in v) for r, v in roles.items()})
+
 
 def format_loc(loc: Sequence[str | int]) -> str:
     """`('messages', 1, 'content')` -> `messages[1].content`."""
