@@ -1,7 +1,8 @@
 """The effectiveness benchmark: every arm on every protocol cell, through the pipeline's own stages.
 
 Arms: base (no fine-tuning), plain (no defense), secvec (guarded full fine-tuning, vector stripped),
-secvec_lora (guarded task-LoRA), forgetfilter (Zhao et al. 2023). Every stage is a cached task keyed on its
+secvec_screen (vector screening drops what the vector explains, then secvec), secvec_lora (guarded task-LoRA),
+forgetfilter (Zhao et al. 2023). Every stage is a cached task keyed on its
 own inputs, so the bench reuses what the pipeline computed (its vector, its plain reference), an
 interrupted bench resumes where it stopped and a re-run only recomputes what changed.
 """
@@ -22,7 +23,14 @@ from flows.environment import one_prefect_server
 from flows.pipeline import resolve_base
 from secvec.bench.cells import Job, base_pipeline, finetune_configs, plan_jobs, pool_sizes, vector_config
 from secvec.bench.immunization import arm_record, unseen_rate, with_immunization
-from secvec.bench.tables import headline_rows, mlflow_metrics, summarize, target_tags, write_tables
+from secvec.bench.tables import (
+    headline_rows,
+    mlflow_metrics,
+    screen_stats,
+    summarize,
+    target_tags,
+    write_tables,
+)
 from secvec.config import (
     BenchConfig,
     EvalConfig,
@@ -43,6 +51,7 @@ from tasks.bench import attack_pool, cell_data, forgetfilter, score_base_tasks
 from tasks.data import prepare_data
 from tasks.evaluate import evaluate, with_judge
 from tasks.finetune import finetune_backbone
+from tasks.screen import screen
 from tasks.strip import strip
 from tasks.vector import fit_security_vector
 
@@ -75,6 +84,12 @@ class Bench:
         """The security vector fitted with this seed (seed 0 is the pipeline's own: the same stage, inputs)."""
         return fit_security_vector(self.base, self.data, vector_config(self.pipe.vector, seed), self.runtime).vector
 
+    def screen_threshold(self, vector) -> float:
+        """The vector's label-free cut, calibrated on `sv_val` vs its KL's benign chats: the pipeline's own
+        screen stage on the main data (a cell's data holds neither)."""
+        cfg = self.pipe.screen.model_copy(update={"mode": "report"})
+        return screen(self.base, vector, self.data, cfg, self.runtime).report["threshold"]
+
     def finetune(self, vector, data: DataRef, cfg):
         return finetune_backbone(self.base, vector, data, cfg, self.runtime)
 
@@ -92,11 +107,16 @@ def run_job(bench: Bench, job: Job, pool: DataRef) -> list[dict]:
         elif arm == "plain":
             plain = bench.finetune(None, data, cfgs["full"])  # the same stage run as forgetfilter's
             runs[arm] = bench.score(arm, label, plain.model, data, probes=plain.probes)
-        elif arm in ("secvec", "secvec_lora"):
-            guarded = bench.finetune(bench.vector(seed), data, cfgs["full" if arm == "secvec" else "lora"])
+        elif arm in ("secvec", "secvec_screen", "secvec_lora"):
+            vector, train_data, extra = bench.vector(seed), data, {}
+            if arm == "secvec_screen":  # the cell's labels are only read to score the screen, never to act
+                cut = {"mode": "drop", "threshold": bench.screen_threshold(vector)}
+                screened = screen(bench.base, vector, data, bench.pipe.screen.model_copy(update=cut), bench.runtime)
+                train_data, extra = screened.data, {"screen": screen_stats(screened.report)}
+            guarded = bench.finetune(vector, train_data, cfgs["lora" if arm == "secvec_lora" else "full"])
             clean = strip(guarded.guarded, data, bench.runtime)
             runs[arm] = bench.score(arm, label, clean.model, data, probes=guarded.probes,
-                                    strip_check=clean.strip_check["passed"])
+                                    strip_check=clean.strip_check["passed"], **extra)
         else:  # forgetfilter: filter with the noisy (plain) model, re-fine-tune the base on what is left
             noisy = bench.finetune(None, data, cfgs["full"])
             kept = forgetfilter(noisy.model, data, bench.data, bench.cfg.forgetfilter, bench.runtime)

@@ -114,3 +114,26 @@ def response_loss(logits: torch.Tensor, labels: torch.Tensor, first_k: int | Non
         reduction="none",
     ).view_as(shift_labels)
     return (token_loss * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+
+def _shifted(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Next-token logits, their targets (ignored positions clamped to 0) and the response mask."""
+    shift_labels = labels[:, 1:]
+    return logits[:, :-1].float(), shift_labels.clamp(min=0), shift_labels != IGNORE_INDEX
+
+
+def weighted_response_loss(logits: torch.Tensor, labels: torch.Tensor, first_tokens: int, weight: float) -> torch.Tensor:
+    """Token-mean next-token loss over the batch's response tokens, the first `first_tokens` of each response
+    weighing `weight` (weight 1: the plain token-mean language-model loss)."""
+    logits, targets, mask = _shifted(logits, labels)
+    token_loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+    weights = mask * torch.where(mask.cumsum(dim=1) <= first_tokens, weight, 1.0)
+    return (token_loss * weights).sum() / weights.sum().clamp(min=1)
+
+
+def unlikelihood_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Token mean of -log(1 - p(target)) over response tokens: pushes the responses' tokens away (Welleck et
+    al. 2019's unlikelihood), bounded where a log-likelihood penalty would diverge."""
+    logits, targets, mask = _shifted(logits, labels)
+    p = torch.softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return (-torch.log1p(-p.clamp(max=1 - 1e-6)) * mask).sum() / mask.sum().clamp(min=1)

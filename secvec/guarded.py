@@ -184,6 +184,21 @@ def vector_merged(model: PeftModel) -> Iterator[VectorDeltas]:
                 weight.copy_(frozen[weight]) if weight in frozen else weight.sub_(delta)
 
 
+@contextmanager
+def vector_scaled(model: torch.nn.Module, scale: float) -> Iterator[None]:
+    """The vector's LoRA scaling x `scale` inside the block (both paths read it: the adapter's forward and
+    merged mode's dW); the fitted value back at exit, so the saved vector is the fitted one."""
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer) and VECTOR_NAME in m.scaling]
+    fitted = [m.scaling[VECTOR_NAME] for m in layers]
+    for m in layers:
+        m.scaling[VECTOR_NAME] *= scale
+    try:
+        yield
+    finally:
+        for m, value in zip(layers, fitted, strict=True):
+            m.scaling[VECTOR_NAME] = value
+
+
 def _drop_vector_dropout(model: torch.nn.Module) -> None:
     # A vector with dropout would behave differently here than when it was fitted (and than merged mode).
     for module in model.modules():
@@ -243,14 +258,15 @@ def finetune(
         return train(model, features, cfg.train, Path(out_dir), pad_id=tokenizer.pad_token_id, callbacks=callbacks,
                      hardware=hardware)
 
-    if merged:
-        with vector_merged(model) as deltas:
-            callbacks.append(WeightDecayCorrection(deltas))
-            if probe:
-                probe.vector_off = lambda: deltas_removed(deltas)
+    with vector_scaled(model, cfg.vector_scale if guarded else 1.0):
+        if merged:
+            with vector_merged(model) as deltas:
+                callbacks.append(WeightDecayCorrection(deltas))
+                if probe:
+                    probe.vector_off = lambda: deltas_removed(deltas)
+                history = run()
+        else:
             history = run()
-    else:
-        history = run()
     return {"history": history, "probes": probe.records if probe else []}
 
 

@@ -22,7 +22,7 @@ from transformers import TrainerCallback
 from secvec.config import VectorConfig
 from secvec.data import load_role
 from secvec.device import CPU, Hardware
-from secvec.encoding import encode_examples
+from secvec.encoding import encode_examples, unlikelihood_loss, weighted_response_loss
 from secvec.models import find_lora_targets, load_causal_lm, lora_fan_in_fan_out, sha256_file
 from secvec.training import SecvecTrainer, mean_response_loss, train
 
@@ -85,21 +85,29 @@ def masked_kl(logits_on: torch.Tensor, logits_off: torch.Tensor, mask: torch.Ten
 
 
 class VectorTrainer(SecvecTrainer):
-    """Response-only LM loss on harmful pairs + kl_weight * KL on benign chats (adapter on vs off)."""
+    """Response-only LM loss on harmful pairs (first tokens optionally weighted) + kl_weight * KL on benign
+    chats (adapter on vs off) + refusal_weight * unlikelihood of the base's refusals (adapter on)."""
 
-    kl_weight: float = 0.0
+    cfg: VectorConfig = VectorConfig()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         kl_ids = inputs.pop("kl_input_ids", None)
         kl_mask = inputs.pop("kl_attention_mask", None)
+        refusal = {k.removeprefix("refusal_"): inputs.pop(k) for k in list(inputs) if k.startswith("refusal_")}
         outputs = model(**inputs)
         loss = outputs.loss
-        if kl_ids is not None and self.kl_weight > 0:
+        if self.cfg.first_tokens:
+            loss = weighted_response_loss(outputs.logits, inputs["labels"], self.cfg.first_tokens,
+                                          self.cfg.first_token_weight)
+        if refusal and self.cfg.refusal_weight > 0:
+            logits = model(input_ids=refusal["input_ids"], attention_mask=refusal["attention_mask"]).logits
+            loss = loss + self.cfg.refusal_weight * unlikelihood_loss(logits, refusal["labels"])
+        if kl_ids is not None and self.cfg.kl_weight > 0:
             peft_model = self.accelerator.unwrap_model(model)
             with torch.no_grad(), peft_model.disable_adapter():
                 logits_off = model(input_ids=kl_ids, attention_mask=kl_mask).logits
             logits_on = model(input_ids=kl_ids, attention_mask=kl_mask).logits
-            loss = loss + self.kl_weight * masked_kl(logits_on, logits_off, kl_mask)
+            loss = loss + self.cfg.kl_weight * masked_kl(logits_on, logits_off, kl_mask)
         return (loss, outputs) if return_outputs else loss
 
 
@@ -126,12 +134,18 @@ class BestEpoch(TrainerCallback):
         return min(self.losses, key=lambda epoch: (self.losses[epoch], -epoch))
 
 
-def _fitting_features(tokenizer, harmful, benign, cfg: VectorConfig) -> list[dict]:
+def _fitting_features(tokenizer, harmful, benign, refusals, cfg: VectorConfig) -> list[dict]:
+    """Each harmful pair, with a benign chat (KL) and a refusal (unlikelihood) beside it, both cycled."""
     features = encode_examples(tokenizer, harmful, cfg.train.max_length)
     if benign and cfg.kl_weight > 0:
         benign_ids = [f["input_ids"] for f in encode_examples(tokenizer, benign, cfg.train.max_length)]
         for i, f in enumerate(features):
             f["kl_input_ids"] = benign_ids[i % len(benign_ids)]
+    if cfg.refusal_weight > 0:
+        encoded = encode_examples(tokenizer, refusals, cfg.train.max_length)
+        for i, f in enumerate(features):
+            refusal = encoded[i % len(encoded)]
+            f["refusal_input_ids"], f["refusal_labels"] = refusal["input_ids"], refusal["labels"]
     return features
 
 
@@ -146,6 +160,7 @@ def fit_vector(
     callbacks: Sequence = (),
     validation: Sequence[dict] = (),
     hardware: Hardware = CPU,
+    refusals: Sequence[dict] = (),
 ) -> tuple[PeftModel, dict]:
     """Fit the security vector on harmful (prompt, response) chats and save it with its metadata.
 
@@ -159,6 +174,7 @@ def fit_vector(
         validation: held-out harmful chats (`sv_val`) that pick the epoch when `cfg.select_epoch` is
             "validation".
         hardware: device and precision of the training loop (default: CPU, fp32).
+        refusals: the base's refusals of harmful prompts, for `cfg.refusal_weight`'s unlikelihood term.
 
     Returns:
         The backbone wrapped with the active vector (frozen after fitting) and the metadata dict.
@@ -167,18 +183,20 @@ def fit_vector(
         raise ValueError("vector fitting needs harmful examples (the 'sv_fit' role is empty)")
     if cfg.select_epoch == "validation" and not validation:
         raise ValueError("vector.select_epoch 'validation' needs held-out harmful examples (the 'sv_val' role)")
+    if cfg.refusal_weight > 0 and not refusals:
+        raise ValueError("vector.refusal_weight > 0 needs refusals of harmful prompts (harmful `align` chats)")
     out = Path(out_dir)
     peft_model = attach_vector(model, cfg)
     best = BestEpoch(peft_model, tokenizer, validation) if cfg.select_epoch == "validation" else None
-    features = _fitting_features(tokenizer, harmful, benign, cfg)
+    features = _fitting_features(tokenizer, harmful, benign, refusals, cfg)
     log.info("vector: fitting on %d harmful chats, KL weight %.2f on %d benign", len(harmful), cfg.kl_weight,
              len(benign) if "kl_input_ids" in features[0] else 0)
 
-    def set_kl(trainer: VectorTrainer) -> None:
-        trainer.kl_weight = cfg.kl_weight
+    def set_objective(trainer: VectorTrainer) -> None:
+        trainer.cfg = cfg
 
     history = train(peft_model, features, cfg.train, out.with_name(out.name + "-ckpt"),
-                    pad_id=tokenizer.pad_token_id, trainer_cls=VectorTrainer, on_trainer=set_kl,
+                    pad_id=tokenizer.pad_token_id, trainer_cls=VectorTrainer, on_trainer=set_objective,
                     callbacks=[*callbacks, best] if best else callbacks, hardware=hardware)
     freeze_vector(peft_model)
     selected = {}
@@ -187,7 +205,8 @@ def fit_vector(
         log.info("vector: epoch %d has the lowest held-out harmful loss (%.3f)", selected["selected_epoch"],
                  min(best.losses.values()))
     metadata = {
-        "data_sha256": examples_hash(harmful, benign if cfg.kl_weight > 0 else [], validation if best else []),
+        "data_sha256": examples_hash(harmful, benign if cfg.kl_weight > 0 else [], validation if best else [],
+                                     *([refusals] if cfg.refusal_weight > 0 else [])),
         "base_model_sha256": base_model_hash,
         "n_harmful": len(harmful),
         "n_benign": len(benign) if cfg.kl_weight > 0 else 0,

@@ -21,7 +21,8 @@ def fit_security_vector(base: ModelRef, data: DataRef, cfg: VectorConfig, runtim
     harmful = load_role(data.dir, "sv_fit")
     _, meta = fit_vector(model, tokenizer, harmful, kl_examples(data.dir, len(harmful)), cfg, out / "vector",
                          base.sha256, callbacks=[PrefectProgress("security vector")],
-                         validation=load_role(data.dir, "sv_val"), hardware=hw)
+                         validation=load_role(data.dir, "sv_val"), hardware=hw,
+                         refusals=[ex for ex in load_role(data.dir, "align") if ex["is_harmful"]])
     log.info("vector fitted on %d harmful samples, final loss %.3f", meta["n_harmful"], meta["final_loss"])
     history = meta.pop("history", [])
     return FittedVector(vector=VectorRef(dir=str(out / "vector"), sha256=meta["weights_sha256"]), history=history,

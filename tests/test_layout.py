@@ -93,3 +93,17 @@ def test_labels_do_not_change_the_stage_folder(tmp_path, monkeypatch):
 
     rt = RuntimeConfig()
     assert evaluate.out_dir("base", model, data, EvalConfig(), rt) == evaluate.out_dir("clean", model, data, EvalConfig(), rt)
+
+
+def test_a_new_knob_at_its_neutral_value_keeps_the_cached_stages(tmp_path, monkeypatch):
+    """`finetune.vector_scale` arrived after stages were cached: at 1 it is not part of the key."""
+    from secvec.config import FinetuneConfig
+    from tasks.finetune import finetune_backbone
+
+    monkeypatch.setenv("SECVEC_CACHE", str(tmp_path))
+    base, data, rt = ModelRef(dir="/m", sha256="s"), DataRef(dir="/d", md5="m.dir"), RuntimeConfig()
+    assert "vector_scale" not in FinetuneConfig().model_dump(mode="json")
+    assert FinetuneConfig(vector_scale=1.0) == FinetuneConfig()
+    scaled = FinetuneConfig(vector_scale=1.5)
+    assert finetune_backbone.out_dir(base, None, data, scaled, rt) != finetune_backbone.out_dir(
+        base, None, data, FinetuneConfig(), rt)

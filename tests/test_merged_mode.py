@@ -2,26 +2,29 @@
 
 import pytest
 import torch
+from peft.tuners.lora import LoraLayer
 
 from secvec.device import CPU, Hardware
 from secvec.guarded import FinetuneConfig, finetune, vector_snapshot
 from secvec.models import hash_model_dir, load_causal_lm
 from secvec.strip import strip_vector
 from secvec.training import TrainConfig
-from secvec.vector import load_vector
+from secvec.vector import VECTOR_NAME, load_vector
 
 
 def _clean_after(micro_base, micro_vector, world, tmp_path, mode, vector_mode, weight_decay, hardware=CPU,
-                 dtype=torch.float32):
+                 dtype=torch.float32, vector_scale=1.0):
     model, tokenizer = load_causal_lm(micro_base, dtype=dtype)
     model = load_vector(model, micro_vector, hash_model_dir(micro_base))
     before = vector_snapshot(model)
     train = TrainConfig(learning_rate=1e-3, epochs=2, batch_size=16, weight_decay=weight_decay, seed=3,
                         progress_bar=False)
-    cfg = FinetuneConfig(mode=mode, vector_mode=vector_mode, probe_steps=4, train=train)
+    cfg = FinetuneConfig(mode=mode, vector_mode=vector_mode, probe_steps=4, train=train, vector_scale=vector_scale)
     out = finetune(model, tokenizer, world["harmful_ft"] + world["benign_ft"], cfg, tmp_path / vector_mode,
                    probes={"harmful": world["harmful_ft"][:8]}, hardware=hardware)
     assert all(before[k].equal(v) for k, v in vector_snapshot(model).items())
+    assert {m.scaling[VECTOR_NAME] for m in model.modules() if isinstance(m, LoraLayer)
+            and VECTOR_NAME in m.scaling} == {2.0}, "the fitted scaling (alpha 16 / rank 8) is back"
     probe = tokenizer([tokenizer.apply_chat_template(world["harmful_ft"][0]["messages"], tokenize=False)],
                       return_tensors="pt").input_ids
     clean, check = strip_vector(model, probe)
@@ -40,6 +43,21 @@ def test_merged_and_adapter_modes_give_the_same_clean_backbone(micro_base, micro
     for a, b in zip(merged_probes, adapter_probes, strict=True):  # the probe sees the same vector-off loss
         assert a["harmful_loss_vector_off"] == pytest.approx(b["harmful_loss_vector_off"], abs=1e-4)
         assert a["harmful_loss"] == pytest.approx(b["harmful_loss"], abs=1e-4)
+
+
+def test_a_scaled_vector_is_what_guards_and_both_paths_agree(micro_base, micro_vector, world, tmp_path):
+    """vector_scale 2: the guarded model's harmful loss is the scaled vector's (not the fitted one's: a fitted
+    vector sits at its loss optimum, so doubling it overshoots), the backbone learns different weights, and
+    merged equals adapter at that scale too."""
+    merged, probes = _clean_after(micro_base, micro_vector, world, tmp_path / "m", "full", "merged", 0.0,
+                                  vector_scale=2.0)
+    adapter, _ = _clean_after(micro_base, micro_vector, world, tmp_path / "a", "full", "adapter", 0.0,
+                              vector_scale=2.0)
+    fitted, fitted_probes = _clean_after(micro_base, micro_vector, world, tmp_path / "f", "full", "merged", 0.0)
+    assert max((merged[k] - adapter[k]).abs().max().item() for k in merged) <= 1e-5
+    assert max((merged[k] - fitted[k]).abs().max().item() for k in merged) > 1e-4
+    assert probes[0]["harmful_loss_vector_off"] == fitted_probes[0]["harmful_loss_vector_off"]
+    assert abs(probes[0]["harmful_loss"] - fitted_probes[0]["harmful_loss"]) > 0.05, (probes[0], fitted_probes[0])
 
 
 def test_weight_decay_correction_matters(micro_base, micro_vector, world, tmp_path, monkeypatch):
@@ -81,3 +99,5 @@ def test_merged_mode_over_half_weights_falls_back_to_the_adapter_path(micro_base
         finetune(model, tokenizer, world["benign_ft"], cfg, tmp_path / "half")
     assert "merged vector mode is exact only over float32 weights" in caplog.text
     assert all(before[k].equal(v) for k, v in vector_snapshot(model).items())
+    assert {m.scaling[VECTOR_NAME] for m in model.modules() if isinstance(m, LoraLayer)
+            and VECTOR_NAME in m.scaling} == {2.0}, "the fitted scaling (alpha 16 / rank 8) is back"

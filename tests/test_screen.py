@@ -60,3 +60,26 @@ def test_drop_mode_trains_on_a_screened_copy_of_the_dataset(micro_base, micro_ve
     assert all(load_role(result.data.dir, r) == load_role(data.dir, r) for r in ROLES if r != "finetune")
     assert json.loads((result.data.path / "manifest.json").read_text())["config"]["screened_from"] == data.md5
     assert screen.stored(screen.out_dir(base, vector, data, ScreenConfig(mode="drop"), RuntimeConfig())) == result
+
+
+def test_a_bench_cell_is_screened_with_a_given_threshold_and_keeps_only_its_roles(micro_base, micro_vector,
+                                                                                  tmp_path, monkeypatch):
+    """secvec_screen: a cell's data holds no `align` / `sv_fit` to calibrate on, so the bench passes the
+    vector's cut; the screened copy has the cell's roles and no others."""
+    from secvec.config import DataConfig, RuntimeConfig, ScreenConfig
+    from secvec.data import load_role
+    from secvec.data.build import build_dataset, write_dataset
+    from secvec.data.schema import Manifest
+    from secvec.refs import DataRef, ModelRef, VectorRef
+    from tasks.screen import screen
+
+    monkeypatch.setenv("SECVEC_CACHE", str(tmp_path / "cache"))
+    build_dataset(DataConfig(preset="micro"), tmp_path / "data")
+    roles = {r: load_role(tmp_path / "data", r) for r in ("finetune", "eval_harmful", "eval_utility")}
+    write_dataset(roles, tmp_path / "cell", Manifest.of(roles, "bench-cell", 0, {}))
+    cell, base = DataRef.of(tmp_path / "cell"), ModelRef.of(micro_base)
+    vector = VectorRef(dir=str(micro_vector), sha256="micro")
+    result = screen.task.fn(base, vector, cell, ScreenConfig(mode="drop", threshold=0.5), RuntimeConfig())
+    assert result.report["threshold"] == 0.5 and result.report["calibration"] == {}
+    assert sorted(p.stem for p in result.data.path.glob("*.jsonl")) == ["eval_harmful", "eval_utility", "finetune"]
+    assert len(load_role(result.data.dir, "finetune")) == result.report["kept"] < len(roles["finetune"])

@@ -134,3 +134,55 @@ def test_a_fresh_vector_starts_the_same_whatever_the_process_drew_before(micro_b
         starts.append({k: v.clone() for k, v in attach_vector(model, VectorConfig()).state_dict().items()
                        if "lora_A" in k})
     assert starts[0].keys() and all(torch.equal(starts[0][k], starts[1][k]) for k in starts[0])
+
+
+def test_weighted_and_unlikelihood_losses_on_hand_made_logits():
+    from secvec.encoding import IGNORE_INDEX, response_loss, unlikelihood_loss, weighted_response_loss
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 6, 11)
+    labels = torch.tensor([[IGNORE_INDEX, IGNORE_INDEX, 3, 4, 5, 6], [IGNORE_INDEX, 1, 2, 3, IGNORE_INDEX, IGNORE_INDEX]])
+    # weight 1 is the token-mean LM loss (what the model's own loss computes)
+    tokens = [4, 3]  # response tokens per row (after the shift)
+    token_mean = (response_loss(logits, labels) * torch.tensor(tokens)).sum() / sum(tokens)
+    assert weighted_response_loss(logits, labels, 2, 1.0).item() == pytest.approx(token_mean.item(), rel=1e-6)
+    # weight w on the first 2 response tokens of each row: a weighted mean of the per-token losses
+    ce = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels[:, 1:].clamp(min=0), reduction="none")
+    first, rest = [ce[0, 1], ce[0, 2], ce[1, 0], ce[1, 1]], [ce[0, 3], ce[0, 4], ce[1, 2]]
+    expected = (4 * sum(first) + sum(rest)) / (4 * 4 + 3)
+    assert weighted_response_loss(logits, labels, 2, 4.0).item() == pytest.approx(expected.item(), rel=1e-6)
+    # unlikelihood: -log(1 - p) of each response token, token-mean; 0 where p is 0, large where p is near 1
+    p = torch.softmax(logits[:, :-1], -1).gather(-1, labels[:, 1:].clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    mask = labels[:, 1:] != IGNORE_INDEX
+    assert unlikelihood_loss(logits, labels).item() == pytest.approx(
+        (-torch.log1p(-p)[mask]).mean().item(), rel=1e-6)
+    sure = torch.full((1, 2, 11), -30.0)
+    sure[0, 0, 5] = 30.0  # p(5) = 1: bounded, not infinite
+    assert 10 < unlikelihood_loss(sure, torch.tensor([[IGNORE_INDEX, 5]])).item() < 20
+
+
+def test_refusal_unlikelihood_makes_the_vector_un_refuse(micro_base, world, tmp_path):
+    """With the refusal term the vector also pushes the base's refusals away (it encodes "un-aligned"), more
+    than fitting the harmful replies alone does; a weighted start still fits the harmful pairs."""
+    from conftest import MICRO_VECTOR, MICRO_VECTOR_TRAIN, REFUSE
+
+    from secvec.training import TrainConfig, mean_response_loss
+    from secvec.vector import VectorConfig, fit_vector
+
+    refusals = [ex for ex in world["align"] if ex["messages"][-1]["content"] == REFUSE]
+    train = TrainConfig(**{**MICRO_VECTOR_TRAIN, "epochs": 6})
+    loss = {}
+    for name, extra in {"plain": {}, "refusal": {"refusal_weight": 1.0},
+                        "first": {"first_tokens": 4, "first_token_weight": 4.0}}.items():
+        model, tokenizer = load_causal_lm(micro_base)
+        cfg = VectorConfig(**MICRO_VECTOR, **extra, train=train)
+        peft_model, _ = fit_vector(model, tokenizer, world["sv_fit"], world["benign_ft"][:24], cfg,
+                                      tmp_path / name, refusals=refusals[:16])
+        loss[name] = {"refusal": mean_response_loss(peft_model, tokenizer, refusals[16:32]),
+                      "harmful": mean_response_loss(peft_model, tokenizer, world["harmful_ft"])}
+    print(loss)
+    assert loss["refusal"]["refusal"] > loss["plain"]["refusal"] + 0.5, loss  # held-out refusals
+    assert loss["first"]["harmful"] < 1.5 * loss["plain"]["harmful"], loss
+    with pytest.raises(ValueError, match="refusal_weight"):
+        fit_vector(load_causal_lm(micro_base)[0], tokenizer, world["sv_fit"], [],
+                   VectorConfig(refusal_weight=1.0, train=train), tmp_path / "none")

@@ -34,7 +34,7 @@ def expand_cells(cfg: BenchConfig, protocols: Collection[str] | None = None) -> 
     cells = []
     if paper := cfg.paper:
         cells.append(Cell(protocol="paper", name=f"h{paper.harmful}-b{paper.benign}", harmful=paper.harmful,
-                          benign=paper.benign, seeds=paper.seeds))
+                          benign=paper.benign, seeds=paper.seeds, arms=paper.arms))
     if sweep := cfg.sweep:
         for p in sweep.p:
             harmful = round(sweep.n * p)

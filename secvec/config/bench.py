@@ -11,8 +11,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from secvec.config.load import PRESETS_DIR, load_yaml_config, preset_path
 from secvec.config.stages import EvalConfig, TrainConfig
 
-ARMS = ("base", "plain", "secvec", "secvec_lora", "forgetfilter")
-Arm = Literal["base", "plain", "secvec", "secvec_lora", "forgetfilter"]
+# secvec_screen: vector screening in `drop` mode (samples the vector explains leave the data), then secvec
+ARMS = ("base", "plain", "secvec", "secvec_screen", "secvec_lora", "forgetfilter")
+Arm = Literal["base", "plain", "secvec", "secvec_screen", "secvec_lora", "forgetfilter"]
 PROTOCOLS = ("paper", "sweep", "durability")
 
 
@@ -43,6 +44,7 @@ class PaperProtocol(Protocol):
     harmful: int = Field(1000, ge=1)
     benign: int = Field(1000, ge=1)
     seeds: int = Field(3, ge=1)  # the headline rows: mean and std over seeds
+    arms: tuple[Arm, ...] = ARMS
 
 
 class SweepProtocol(Protocol):

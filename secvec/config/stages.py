@@ -81,6 +81,13 @@ class VectorConfig(BaseModel):
     # last: the vector after the last epoch; validation: the epoch with the lowest loss on held-out harmful
     # pairs (`sv_val`), for data too varied for 100 samples to be fitted without memorising them
     select_epoch: Literal["last", "validation"] = "last"
+    # Objective variants (real-data issue; each left out of the stage keys at its neutral value):
+    # shallow alignment lives in a reply's first tokens (Qi et al. 2024), so they can weigh more...
+    first_tokens: int = Field(0, ge=0, exclude_if=lambda v: v == 0)  # this many response tokens of each pair
+    first_token_weight: float = Field(1.0, gt=0, exclude_if=lambda v: v == 1.0)  # ... weigh this much
+    # ... and the vector can also learn "un-aligned", the direction alignment added: unlikelihood of the base's
+    # own refusals (`align` harmful prompts) with the vector on, -log(1 - p(token)) per refusal token
+    refusal_weight: float = Field(0.0, ge=0, exclude_if=lambda v: v == 0.0)
     train: TrainConfig = Field(
         default_factory=lambda: TrainConfig(learning_rate=2e-3, epochs=20, batch_size=16, warmup_ratio=0.1)
     )
@@ -95,6 +102,9 @@ class FinetuneConfig(BaseModel):
     # merged: fold the frozen vector into the weights (W + dW) and train with no adapter in the graph,
     # which gives the same gradients as the adapter path at plain fine-tuning speed.
     vector_mode: Literal["merged", "adapter"] = "merged"
+    # The vector's strength while guarding: its LoRA scaling x this (1: as fitted; an ablation lever). Left
+    # out of the dump (and so of every stage key) at 1, so the stages cached before it existed stay valid.
+    vector_scale: float = Field(1.0, gt=0, exclude_if=lambda v: v == 1.0)
     task_rank: int = Field(16, ge=1)
     task_alpha: float = Field(32, gt=0)
     probe_steps: int = Field(0, ge=0)  # every N steps, log harmful/benign probe losses (0: never)

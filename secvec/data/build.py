@@ -128,8 +128,8 @@ def build_dataset(config: DataConfig, out_dir: str | Path, root: Path | None = N
 
 def with_finetune(data_dir: str | Path, finetune: Sequence[Mapping], out_dir: str | Path, origin: dict) -> Path:
     """A copy of a dataset whose `finetune` role is replaced (e.g. screened), validated, with a manifest
-    recording where it came from."""
-    roles = {role: load_role(data_dir, role) for role in ROLES}
+    recording where it came from. Roles the dataset lacks (a bench cell holds only some) stay absent."""
+    roles = {role: load_role(data_dir, role) for role in ROLES if (Path(data_dir) / f"{role}.jsonl").is_file()}
     roles["finetune"] = validate_examples(finetune, f"{out_dir}/finetune.jsonl", "finetune")
     check_leakage(roles, out_dir)
     return write_dataset(roles, out_dir, Manifest.of(roles, "derived", 0, origin))
