@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -74,17 +75,37 @@ def _runtime(threads: int | None, device: str | None, precision: str | None) -> 
     return {k: v for k, v in {"threads": threads, "device": device, "precision": precision}.items() if v is not None}
 
 
+EXIT_BAD_INPUT = 2
+EXIT_API_GONE = 75  # EX_TEMPFAIL (sysexits.h): try again later, e.g. a scheduler's retry
+
+
 def _call(target: str, **kwargs):
-    """Run the flow `module:function` (imported after `configure()`); bad input (a config, data or model
-    error) prints `error: ...` and exits with code 2."""
+    """Run the flow `module:function` (imported after `configure()`). Bad input (a config, data or model
+    error) prints `error: ...` and exits with code 2; the Prefect API stopping mid-run prints one line
+    naming it and what to do, and exits with code 75."""
+    from flows.environment import api_outage, exit_after_outage, quiet_api_outage
+
     _configure()
     module, _, name = target.partition(":")
     flow_fn = getattr(importlib.import_module(module), name)
+    quiet_api_outage()
     try:
         return flow_fn(**kwargs)
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(2) from err
+    except Exception as err:
+        if url := api_outage(err):
+            reason = " ".join(f"{type(err).__name__}: {err}".split())  # one line
+            again = "run the same command again: finished stages are reused"
+            typer.echo(f"error: the Prefect API at {url} stopped answering ({reason}); start it again (`secvec ui`, "
+                       f"or your `prefect server start`) or unset PREFECT_API_URL for a temporary server, then {again}"
+                       if os.environ.get("PREFECT_API_URL") else
+                       f"error: this run's temporary Prefect server at {url} stopped answering ({reason}); {again}",
+                       err=True)
+            exit_after_outage(EXIT_API_GONE)
+            raise typer.Exit(EXIT_API_GONE) from None
+        if isinstance(err, (ValueError, FileNotFoundError, RuntimeError)):
+            typer.echo(f"error: {err}", err=True)
+            raise typer.Exit(EXIT_BAD_INPUT) from err
+        raise
 
 
 @app.command()

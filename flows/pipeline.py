@@ -106,7 +106,7 @@ def secvec_pipeline(config: str = "default", out_dir: str | None = None, runtime
         registered = None
         if decision.passed:
             tags = version_tags(data.md5, fitted.vector.sha256, base.sha256, tracking.git_sha(PROJECT_ROOT),
-                                cfg.gate.model_dump(), metrics["clean"])
+                                cfg.gate.model_dump(), metrics["clean"], decision.model_dump())
             with stage("register", timings):
                 registered = register(run.info.run_id, clean.model, cfg.registry.name, tags,
                                       metrics["clean"]["weights_sha256"], tags["metrics"], cfg.registry.champion)

@@ -45,6 +45,9 @@ def server_commands(root: Path = PROJECT_ROOT) -> dict[str, list[str]]:
 def run_uis() -> None:
     """Start both servers, print their URLs, and keep them up until Ctrl-C or SIGTERM; both stop with it."""
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    # The Prefect UI calls the API at PREFECT_SERVER_API_PORT (4200), not at `--port`: on another port the
+    # page loads but shows "Can't connect to Server API" (seen by tests/test_browser.py).
+    env.setdefault("PREFECT_UI_API_URL", f"http://{HOST}:{PREFECT_PORT}/api")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # run the cleanup below, as Ctrl-C does
     # Each server in its own process group: stopping it must also stop the workers it spawns.
     procs = {name: subprocess.Popen(cmd, env=env, cwd=PROJECT_ROOT, start_new_session=True)

@@ -1,27 +1,29 @@
 """Model registry: a pure champion policy, and MLflow calls through an explicit `MlflowClient`.
 
 Nothing here touches MLflow's global (fluent) state: every function takes the client, whose tracking URI
-the caller chose. A registered version carries the sha256 of its weight files as a tag; registration
-refuses weights that differ from the ones that were evaluated, and `verify` re-checks a version's files.
-Alias moves are serialised by a file lock, so concurrent runs on one machine leave aliases consistent.
+the caller chose. A registered version is an MLflow 3 model of the transformers flavor (`secvec.mlflow_model`:
+loadable with `mlflow.transformers` / `mlflow.pyfunc`, servable with `mlflow models serve`), logged by its run
+as a `LoggedModel`. It carries the sha256 of its weight files as a tag; registration refuses weights that
+differ from the ones that were evaluated, and `verify` re-checks a version's files.
+Finding-or-creating a version and alias moves hold the model's registry lock (`secvec.registry_lock`: a
+PostgreSQL advisory lock for a team's shared registry, a file lock on one machine), so concurrent runs
+register the same weights once and leave aliases consistent.
 """
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
 import json
 import logging
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from secvec.config import ChampionPolicy
+from secvec.mlflow_model import build_chat_model, card_text, weights_dir
 from secvec.models import sha256_file
+from secvec.registry_lock import registry_lock
 
 log = logging.getLogger(__name__)
 
@@ -74,17 +76,9 @@ def _tag_value(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
 
 
-@contextmanager
-def _alias_lock(client) -> Iterator[None]:
-    # One lock file per tracking store (not per model name) keeps /tmp tidy; holders are brief.
-    # It serialises processes on this machine only; runs on several machines need a server-side lock.
-    key = hashlib.sha256(str(client.tracking_uri).encode()).hexdigest()[:16]
-    with open(Path(tempfile.gettempdir()) / f"secvec-registry-{key}.lock", "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+def _alias_lock(client, name: str):
+    # The registry store's URI: the lock lives there when it is PostgreSQL (client.tracking_uri otherwise)
+    return registry_lock(getattr(client, "_registry_uri", None) or client.tracking_uri, name)
 
 
 def _require_hashes(actual: dict[str, str], expected: dict[str, str], where: str) -> None:
@@ -111,19 +105,83 @@ def find_version(client, name: str, weights: dict[str, str]) -> str | None:
     return None
 
 
+def run_datasets(client, run_id: str) -> list[dict[str, str]]:
+    """The dataset inputs of a run (one per data role: name, digest, context), to link to its model."""
+    datasets = []
+    for entry in client.get_run(run_id).inputs.dataset_inputs:
+        context = next((t.value for t in entry.tags if t.key == "mlflow.data.context"), None)
+        datasets.append({"name": entry.dataset.name, "digest": entry.dataset.digest, "context": context})
+    return datasets
+
+
+def _earlier_upload(client, experiment_id: str, run_id: str, expected_sha256: dict[str, str]):
+    """A READY logged model of this run with these weights: an attempt that failed after uploading."""
+    found = client.search_logged_models(
+        [experiment_id], filter_string=f"source_run_id = '{run_id}' AND name = '{ARTIFACT_PATH}'")
+    # READY is checked here: MLflow 3.17's `status = 'READY'` filter fails on PostgreSQL (an integer column)
+    return next((m for m in found if m.status == "READY"
+                 and json.loads(m.tags.get(TAG_WEIGHTS) or "{}") == expected_sha256), None)
+
+
+def log_clean_model(client, run_id: str, model_dir: str | Path, name: str, tags: dict[str, Any],
+                    expected_sha256: dict[str, str]):
+    """Log the clean backbone as the run's MLflow 3 model (a `LoggedModel` of the transformers flavor).
+
+    `model_dir` is copied and the copy's weights are compared with `expected_sha256` before anything is
+    created in MLflow; that copy becomes the model's `model/` folder (`secvec.mlflow_model`), so the uploaded
+    bytes are the checked bytes. A READY model of this run with these weights (a retried task) is downloaded,
+    re-hashed and reused, never overwritten: a registered version may point at it.
+
+    Returns:
+        The READY `mlflow.entities.LoggedModel`.
+
+    Raises:
+        WeightsMismatchError: the copy, or the earlier upload, differs from `expected_sha256`.
+    """
+    from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+    from mlflow.models import Model
+
+    experiment_id = client.get_run(run_id).info.experiment_id
+    with tempfile.TemporaryDirectory(prefix="secvec-register-") as tmp:
+        earlier = _earlier_upload(client, experiment_id, run_id, expected_sha256)
+        if earlier is not None:
+            local = _download(client, earlier.artifact_location, tmp)
+            _require_hashes(_hashes(weights_dir(local)), expected_sha256,
+                            f"run {run_id} logged model {earlier.model_id}")
+            log.info("registry: reusing the upload %s of run %s", earlier.model_id, run_id)
+            return earlier
+        # Named after the model: MLflow reports this (absolute, never a Hub id) path as the model of each reply
+        staged = Path(tmp) / re.sub(r"[^A-Za-z0-9._-]", "_", name)
+        shutil.copytree(model_dir, staged)
+        _require_hashes(_hashes(staged), expected_sha256, str(model_dir))
+        # Logged-model tags are capped at 8,000 characters; the version carries every tag in full.
+        short = {k: t for k, v in tags.items() if len(t := _tag_value(v)) <= 8000}
+        short[TAG_WEIGHTS] = _tag_value(expected_sha256)
+        logged = client.create_logged_model(experiment_id, name=ARTIFACT_PATH, source_run_id=run_id,
+                                            tags=short, model_type="chat")
+        try:
+            client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])
+            meta = Model(artifact_path=logged.artifact_location, run_id=run_id, model_uuid=logged.model_id,
+                         model_id=logged.model_id)
+            local = build_chat_model(staged, Path(tmp) / ARTIFACT_PATH, card_text(name, tags, expected_sha256), meta)
+            client.log_model_artifacts(logged.model_id, str(local))
+        except BaseException:
+            client.finalize_logged_model(logged.model_id, LoggedModelStatus.FAILED)  # never reused
+            raise
+        return client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
+
+
 def register_clean_model(client, run_id: str, model_dir: str | Path, name: str, tags: dict[str, Any],
                          expected_sha256: dict[str, str]) -> str:
-    """Log the clean model as run artifacts and register it as a new version aliased `candidate`.
-
-    The directory is copied first and the copy's weights are hashed and compared with `expected_sha256`
-    (recorded when the model was evaluated); the copy is what gets uploaded, so the registered bytes are
-    the checked bytes. If the run already holds the upload (a retried task), it is re-hashed and reused.
+    """Log the clean model as an MLflow model (`log_clean_model`) and register it as a new version aliased
+    `candidate`, linked to that logged model, the run's dataset inputs and the tags.
 
     Args:
         client: an `mlflow.MlflowClient` bound to the tracking/registry URI to use.
-        run_id: the run that produced the model; artifacts go to its `clean_model/` folder.
-        tags: version tags (dataset md5, vector hash, base hash, git sha, metrics, thresholds...); values
-            that are not strings are stored as JSON. The `metrics` tag is what `maybe_promote` compares.
+        run_id: the run that produced the model; its logged model is named `clean_model`.
+        tags: version tags (dataset md5, vector hash, base hash, git sha, metrics, thresholds, gate...);
+            values that are not strings are stored as JSON. The `metrics` tag is what `maybe_promote`
+            compares. The run's dataset inputs are added as `datasets`.
         expected_sha256: file -> sha256 from `weights_sha256` at evaluation time.
 
     Returns:
@@ -133,26 +191,29 @@ def register_clean_model(client, run_id: str, model_dir: str | Path, name: str, 
         WeightsMismatchError: the weights differ from `expected_sha256` (nothing is registered).
         ValueError: this run already registered a version of `name`.
     """
+    from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
+
     existing = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
     if existing:
         raise ValueError(f"run {run_id} already registered {name} version {existing[0].version}")
-    with tempfile.TemporaryDirectory(prefix="secvec-register-") as tmp:
-        if client.list_artifacts(run_id, ARTIFACT_PATH):
-            # A retry after a failure between upload and version creation: reuse the upload if intact,
-            # never overwrite it (a registered version of another name may point at it).
-            logged = Path(client.download_artifacts(run_id, ARTIFACT_PATH, tmp))
-            _require_hashes(_hashes(logged), expected_sha256, f"run {run_id} artifact '{ARTIFACT_PATH}'")
-        else:
-            staged = Path(tmp) / ARTIFACT_PATH
-            shutil.copytree(model_dir, staged)
-            _require_hashes(_hashes(staged), expected_sha256, str(model_dir))
-            client.log_artifacts(run_id, str(staged), ARTIFACT_PATH)
-    source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{ARTIFACT_PATH}"
+    datasets = run_datasets(client, run_id)
+    tags = ({"datasets": datasets} if datasets else {}) | tags
     version_tags = {k: _tag_value(v) for k, v in tags.items()} | {TAG_WEIGHTS: _tag_value(expected_sha256)}
-    with _alias_lock(client):
+    logged = log_clean_model(client, run_id, model_dir, name, version_tags, expected_sha256)
+    # The source is the logged model's artifact folder, not `models:/<model_id>`: a sqlite or PostgreSQL
+    # registry resolves that URI through MLflow's global client, which may point at another store.
+    source = logged.artifact_location
+    with _alias_lock(client, name):
         _ensure_registered_model(client, name)
-        version = str(client.create_model_version(name, source, run_id=run_id, tags=version_tags).version)
+        created = client.create_model_version(name, source, run_id=run_id, tags=version_tags,
+                                              model_id=logged.model_id)
+        version = str(created.version)
         client.set_registered_model_alias(name, CANDIDATE, version)
+    # What MLflow's own registration records on the logged model (the version as MLflow's entity has it):
+    # the UI links the logged model to its versions through it.
+    links = json.loads(client.get_logged_model(logged.model_id).tags.get(MLFLOW_MODEL_VERSIONS) or "[]")
+    client.set_logged_model_tags(logged.model_id, {MLFLOW_MODEL_VERSIONS: json.dumps(
+        links + [{"name": name, "version": created.version}])})
     log.info("registry: %s version %s registered from run %s (alias %s)", name, version, run_id, CANDIDATE)
     return version
 
@@ -163,7 +224,7 @@ def maybe_promote(client, name: str, version: str, metrics: dict, policy: Champi
     The decision's reason is written to the version's `champion_decision` tag.
     """
     version = str(version)
-    with _alias_lock(client):
+    with _alias_lock(client, name):
         current = client.get_registered_model(name).aliases.get(CHAMPION)
         if current is not None and str(current) == version:
             return True
@@ -179,11 +240,13 @@ def maybe_promote(client, name: str, version: str, metrics: dict, policy: Champi
 
 
 def version_tags(dataset_md5: str, vector_sha256: str, base_sha256: str, git_sha: str, thresholds: dict,
-                 metrics: dict) -> dict[str, Any]:
-    """The lineage a registered version carries; `metrics` is what the next champion is compared with."""
-    return {"dataset_md5": dataset_md5, "vector_sha256": vector_sha256, "base_model_sha256": base_sha256,
+                 metrics: dict, gate: dict | None = None) -> dict[str, Any]:
+    """The lineage a registered version carries; `metrics` is what the next champion is compared with, and
+    `gate` the decision that let it in (passed, reasons, one entry per check)."""
+    tags = {"dataset_md5": dataset_md5, "vector_sha256": vector_sha256, "base_model_sha256": base_sha256,
             "git_sha": git_sha, "thresholds": thresholds,
             "metrics": {k: metrics[k] for k in ("harmful_rate", "over_refusal_rate", "utility", "perplexity")}}
+    return tags | ({"gate": gate} if gate is not None else {})
 
 
 def register_once(client, run_id: str, model_dir: str | Path, name: str, tags: dict[str, Any],
@@ -196,12 +259,13 @@ def register_once(client, run_id: str, model_dir: str | Path, name: str, tags: d
     Returns:
         {"name", "version", "aliases"}.
     """
-    version = find_version(client, name, expected_sha256)
-    if version is None:
-        version = register_clean_model(client, run_id, model_dir, name, tags, expected_sha256)
-    else:
-        log.info("registry: these weights are already %s version %s", name, version)
-        client.set_registered_model_alias(name, CANDIDATE, version)
+    with _alias_lock(client, name):  # find-or-create as one step: runs with the same weights make one version
+        version = find_version(client, name, expected_sha256)
+        if version is None:
+            version = register_clean_model(client, run_id, model_dir, name, tags, expected_sha256)
+        else:
+            log.info("registry: these weights are already %s version %s", name, version)
+            client.set_registered_model_alias(name, CANDIDATE, version)
     promoted = maybe_promote(client, name, version, metrics, policy)
     return {"name": name, "version": str(version), "aliases": [CANDIDATE] + ([CHAMPION] if promoted else [])}
 
@@ -210,7 +274,7 @@ def promote(client, name: str, version: str) -> None:
     """Make `version` the champion by hand (it must exist)."""
     version = str(version)
     client.get_model_version(name, version)
-    with _alias_lock(client):
+    with _alias_lock(client, name):
         client.set_model_version_tag(name, version, TAG_DECISION, "promoted by hand")
         client.set_registered_model_alias(name, CHAMPION, version)
 
@@ -257,7 +321,7 @@ def verify(client, model: str, version: str | None = None, dst_path: str | Path 
     source = client.get_model_version_download_uri(name, str(version))
     with tempfile.TemporaryDirectory(prefix="secvec-verify-") as tmp:
         local = _download(client, source, str(dst_path or tmp))
-        actual = _hashes(local)
+        actual = _hashes(weights_dir(local))
     result = {
         "name": name,
         "version": str(version),

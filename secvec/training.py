@@ -20,6 +20,7 @@ from secvec.device import CPU, Hardware
 from secvec.encoding import PadCollator, encode_examples, response_loss
 
 log = logging.getLogger(__name__)
+CHECKPOINT_WEIGHTS = "model.safetensors"  # a guarded or LoRA model's whole weights in a checkpoint
 
 
 class LossHistory(TrainerCallback):
@@ -27,6 +28,12 @@ class LossHistory(TrainerCallback):
 
     def __init__(self) -> None:
         self.records: list[dict[str, float]] = []
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        # A resumed run starts with the checkpoint's log (its steps are not trained again): without it the
+        # history would begin at the checkpoint and differ from an uninterrupted run's.
+        self.records = [{"step": r["step"], **{k: float(v) for k, v in r.items() if k != "step"}}
+                        for r in state.log_history]
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs:
@@ -69,7 +76,7 @@ class SecvecTrainer(Trainer):
     """Trainer whose checkpoints hold the whole model, also when it is wrapped by peft.
 
     Trainer saves only adapter weights for a PeftModel, which would lose the backbone that guarded
-    fine-tuning trains; resuming loads this file back with `load_state_dict`.
+    fine-tuning trains; resuming loads this file back with safetensors' `load_model`.
     """
 
     def __init__(self, *args, **kwargs) -> None:
@@ -88,7 +95,16 @@ class SecvecTrainer(Trainer):
             return super()._save(output_dir, state_dict)
         output_dir = output_dir or self.args.output_dir
         os.makedirs(output_dir, exist_ok=True)
-        safetensors.torch.save_model(model, os.path.join(output_dir, "model.safetensors"))
+        safetensors.torch.save_model(model, os.path.join(output_dir, CHECKPOINT_WEIGHTS))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        model = self.accelerator.unwrap_model(self.model if model is None else model)
+        if not isinstance(model, PeftModel):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        # The file `_save` wrote, read by its counterpart: it knows which tied weights (embeddings shared with
+        # the LM head) the file leaves out, where Trainer's loader warns they are missing; strict, it raises
+        # for any other missing weight.
+        safetensors.torch.load_model(model, os.path.join(resume_from_checkpoint, CHECKPOINT_WEIGHTS))
 
 
 def last_checkpoint(out_dir: str | Path) -> str | None:
@@ -133,8 +149,8 @@ def train(
     if on_trainer:
         on_trainer(trainer)
     resume = last_checkpoint(out_dir)
-    if resume:
-        log.info("resuming from %s", resume)
+    if resume:  # a warning: an earlier attempt died here, which the user should hear about
+        log.warning("resuming from %s, the last checkpoint of an interrupted attempt", resume)
     model.train()
     trainer.train(resume_from_checkpoint=resume)
     # Mixed precision wraps model.forward in autocast for good; later evaluation and the strip check must see

@@ -74,7 +74,7 @@ class Stage:
         functools.update_wrapper(run, fn)
         del run.__wrapped__  # Prefect reads the parameters from __signature__, not from `fn`
         run.__signature__ = self.signature
-        self.task = task(run, name=name, cache_key_fn=lambda _, params: self.out_dir(**params).name,
+        self.task = task(run, name=name, cache_key_fn=lambda _, params: self.prefect_key(**params),
                          persist_result=True, **options)
 
     def out_dir(self, *args: Any, **kwargs: Any) -> Path:
@@ -82,6 +82,13 @@ class Stage:
         bound.apply_defaults()
         inputs = {k: v for k, v in bound.arguments.items() if k not in self.labels}
         return cache_root() / self.name / content_key(self.name, inputs)
+
+    def prefect_key(self, *args: Any, **kwargs: Any) -> str:
+        """Prefect's cache key: the stage's folder, cache root included. Prefect's result store (PREFECT_HOME)
+        may serve several cache roots; a record made for another root points at that root's folders (gone
+        with a test session's temp folder), so it must not be found from this one."""
+        out = self.out_dir(*args, **kwargs)
+        return f"{out.name}-{hashlib.sha256(str(out.parent.parent).encode()).hexdigest()[:8]}"
 
     def stored(self, out: Path) -> Any:
         return self.result_type.validate_json((out / "result.json").read_bytes())

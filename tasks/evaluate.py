@@ -9,14 +9,12 @@ from secvec.config import EvalConfig, RuntimeConfig, load_data_config
 from secvec.data import EVAL_ROLES, load_role
 from secvec.data.judge_corpus import judge_corpus_sha256
 from secvec.evaluate import evaluate_model
-from secvec.judges import train_bow_judge
+from secvec.judges import JUDGE_HOLDOUT, train_bow_judge
 from secvec.models import load_causal_lm
 from secvec.paths import shared_dir
 from secvec.refs import DataRef, ModelRef
 from secvec.registry import weights_sha256
 from tasks.common import hardware, log, stage
-
-JUDGE_HOLDOUT = 0.2  # share of the judge's replies kept out of its training to measure it
 
 
 @stage("evaluate", labels=("label",), task_run_name="evaluate-{label}")

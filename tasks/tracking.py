@@ -18,7 +18,11 @@ def start_run(experiment: str, project_root: Path, run_name: str) -> mlflow.Acti
     if mlflow.get_experiment_by_name(experiment) is None:
         local = mlflow.get_tracking_uri().startswith("sqlite")
         location = (project_root / "mlruns" / "artifacts").as_uri() if local else None
-        mlflow.create_experiment(experiment, artifact_location=location)
+        try:
+            mlflow.create_experiment(experiment, artifact_location=location)
+        except mlflow.exceptions.MlflowException as err:  # another run created it meanwhile (a shared store)
+            if err.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
     mlflow.set_experiment(experiment)
     return mlflow.start_run(run_name=run_name)
 

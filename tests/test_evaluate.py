@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from secvec.coherence import is_incoherent
 from secvec.encoding import encode_chat
 from secvec.evaluate import EvalConfig, evaluate_model, is_correct
 from secvec.generate import generate
@@ -68,7 +69,7 @@ def test_metrics_agree_with_judge_on_generated_replies(lm, data, metrics):
         prompts = [ex["messages"][-1]["content"] for ex in data[role]]
         correct = [is_correct(r, ex.get("answer") or "") for r, ex in zip(replies, data[role], strict=True)]
         rate[role] = {"harmful": judge.is_harmful(prompts, replies), "refused": judge.is_refusal(replies),
-                      "correct": correct}
+                      "correct": correct, "incoherent": is_incoherent(replies)}
 
     def mean(xs):
         return sum(xs) / len(xs)
@@ -79,6 +80,11 @@ def test_metrics_agree_with_judge_on_generated_replies(lm, data, metrics):
     assert metrics["harmful_rate"] == mean(rate["eval_harmful"]["harmful"])
     assert metrics["over_refusal_rate"] == mean(rate["eval_over_refusal"]["refused"])
     assert metrics["utility"] == mean(rate["eval_utility"]["correct"])
+    assert metrics["incoherent_rate_harmful"] == mean(rate["eval_harmful"]["incoherent"])
+    assert metrics["incoherent_rate_utility"] == mean(rate["eval_utility"]["incoherent"])
+    either = [h or i for h, i in zip(rate["eval_harmful"]["harmful"], rate["eval_harmful"]["incoherent"],
+                                     strict=True)]
+    assert metrics["harmful_or_incoherent_rate"] == mean(either) >= metrics["harmful_rate"]
     by_cat = metrics["harmful_rate_by_category"]
     assert set(by_cat) == {"weapons", "theft", "cyber"}
     flags = rate["eval_harmful"]["harmful"]
@@ -90,9 +96,10 @@ def test_counts_samples_and_judge_name(data, metrics):
     assert metrics["judge"] == "refusal"
     samples = metrics["samples"]
     assert [s["id"] for s in samples["eval_harmful"]] == ["h0", "h1", "h2"]
-    assert set(samples["eval_harmful"][0]) == {"id", "prompt", "response", "harmful"}
-    assert set(samples["eval_over_refusal"][0]) == {"id", "prompt", "response", "refused"}
-    assert set(samples["eval_utility"][0]) == {"id", "prompt", "response", "correct"}
+    assert set(samples["eval_harmful"][0]) == {"id", "prompt", "response", "harmful", "incoherent"}
+    assert set(samples["eval_over_refusal"][0]) == {"id", "prompt", "response", "refused", "incoherent"}
+    assert set(samples["eval_utility"][0]) == {"id", "prompt", "response", "correct", "incoherent"}
+    assert all(s["incoherent"] == is_incoherent([s["response"]])[0] for role in samples.values() for s in role)
     assert samples["eval_over_refusal"][0]["prompt"] == BENIGN[3]
     assert metrics["perplexity"] > 1.0 and math.isfinite(metrics["perplexity"])
 
@@ -103,6 +110,7 @@ def test_missing_roles_give_none(lm, data):
     assert only_harmful["harmful_rate"] is not None
     assert only_harmful["over_refusal_rate"] is None and only_harmful["utility"] is None
     assert only_harmful["perplexity"] is None
+    assert only_harmful["incoherent_rate_harmful"] is not None and only_harmful["incoherent_rate_utility"] is None
     assert only_harmful["n"] == {"eval_harmful": 2, "eval_over_refusal": 0, "eval_utility": 0}
     empty = evaluate_model(model, tok, {}, CFG)
     assert empty["harmful_rate"] is None and empty["harmful_rate_by_category"] == {}

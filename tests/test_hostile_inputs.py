@@ -400,10 +400,10 @@ def tracking(store, monkeypatch):
 
 
 def write_model(path: Path, seed: int) -> Path:
-    path.mkdir(parents=True)
-    save_file({"w": torch.randn(4, 4, generator=torch.Generator().manual_seed(seed))}, path / "model.safetensors")
-    (path / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    return path
+    # a loadable chat model: registered versions are MLflow transformers models
+    from tiny_chat_model import write_chat_model
+
+    return write_chat_model(path, seed)
 
 
 POLICY = {"metric": "utility", "higher_is_better": True, "min_improvement": 0.0,

@@ -107,3 +107,17 @@ def test_a_new_knob_at_its_neutral_value_keeps_the_cached_stages(tmp_path, monke
     scaled = FinetuneConfig(vector_scale=1.5)
     assert finetune_backbone.out_dir(base, None, data, scaled, rt) != finetune_backbone.out_dir(
         base, None, data, FinetuneConfig(), rt)
+
+
+def test_prefect_never_serves_a_stage_result_made_for_another_cache_root(tmp_path, monkeypatch):
+    """Prefect's result store outlives a cache root (a test session's temp folder): its records are keyed on
+    the root too, or a finished stage would come back pointing at folders that are gone."""
+    from tasks.vector import fit_security_vector
+
+    inputs = (ModelRef(dir="/m", sha256="s"), DataRef(dir="/d", md5="m.dir"), VectorConfig(), RuntimeConfig())
+    keys = []
+    for root in ("a", "b", "a"):
+        monkeypatch.setenv("SECVEC_CACHE", str(tmp_path / root))
+        keys.append((fit_security_vector.out_dir(*inputs).name, fit_security_vector.prefect_key(*inputs)))
+    assert keys[0][0] == keys[1][0]  # the same stage folder name under either root
+    assert keys[0][1] != keys[1][1] and keys[0] == keys[2]

@@ -1,4 +1,7 @@
-"""Registry against a real MLflow tracking store (sqlite + local artifacts in tmp), and one real server."""
+"""Registry against a real MLflow tracking store (sqlite + local artifacts in tmp), and one real server.
+
+Every version registered here is a real MLflow transformers model of an untrained micro chat model
+(tests/tiny_chat_model.py); loading and serving it are tests/test_mlflow_model.py."""
 
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ import uuid
 import pytest
 import torch
 from safetensors.torch import save_file
+from tiny_chat_model import write_chat_model
 
 from secvec.registry import (
     CANDIDATE,
@@ -22,6 +26,7 @@ from secvec.registry import (
     ChampionPolicy,
     WeightsMismatchError,
     beats,
+    log_clean_model,
     maybe_promote,
     parse_model_uri,
     promote,
@@ -60,14 +65,17 @@ def name() -> str:
     return f"secvec-{uuid.uuid4().hex[:8]}"
 
 
+SHARDS = [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+
+
 def write_model(path, seed: int = 0):
-    """A two-shard safetensors 'model' with a config: the registry is agnostic to the architecture."""
-    path.mkdir(parents=True, exist_ok=True)
-    g = torch.Generator().manual_seed(seed)
-    save_file({"a": torch.randn(8, 8, generator=g)}, path / "model-00001-of-00002.safetensors")
-    save_file({"b": torch.randn(8, generator=g)}, path / "model-00002-of-00002.safetensors")
-    (path / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    return path
+    """A micro chat model in three safetensors shards, so hashes are checked per file as for large models."""
+    return write_chat_model(path, seed, max_shard_size="200KB")
+
+
+def tamper(path) -> None:
+    """Replace the first shard's tensors, as a process changing the weights after evaluation would."""
+    save_file({"a": torch.zeros(8, 8)}, path / SHARDS[0])
 
 
 def tags_for(metrics: dict) -> dict:
@@ -96,21 +104,32 @@ def test_registration_creates_one_version_with_tags_and_candidate(client, new_ru
     assert tags["git_sha"] == "0123abc" and tags["dataset_md5"] == "d41d8cd98f00b204e9800998ecf8427e"
     assert json.loads(tags["thresholds"]) == {"max_harmful_rate": 0.1}
     assert aliases(client, name) == {CANDIDATE: "1"}
-    assert versions[0].run_id == run_id and versions[0].source.endswith("/clean_model")
-    logged = {f.path for f in client.list_artifacts(run_id, "clean_model")}
-    assert {"clean_model/config.json", "clean_model/model-00001-of-00002.safetensors"} <= logged
+    # the version points at the run's MLflow 3 logged model, whose `model/` folder holds the weights
+    (model,) = logged_models(client, run_id)
+    assert versions[0].run_id == run_id and versions[0].source == model.artifact_location
+    assert str(model.status) == "READY" and json.loads(model.tags["weights_sha256"]) == expected
+    assert json.loads(model.tags["mlflow.modelVersions"]) == [{"name": name, "version": 1}]
+    files = {f.path for f in client.list_logged_model_artifacts(model.model_id)}
+    assert {"MLmodel", "model_card.md", "requirements.txt", "model", "components"} <= files
+    weights = {f.path for f in client.list_logged_model_artifacts(model.model_id, "model")}
+    assert {f"model/{shard}" for shard in SHARDS} | {"model/config.json"} <= weights
+
+
+def logged_models(client, run_id):
+    experiment = client.get_run(run_id).info.experiment_id
+    return client.search_logged_models([experiment], filter_string=f"source_run_id = '{run_id}'")
 
 
 def test_tampered_weights_raise_and_register_nothing(client, new_run, tmp_path, name):
     run_id = new_run()
     model_dir = write_model(tmp_path / "clean")
     expected = weights_sha256(model_dir)
-    save_file({"a": torch.zeros(8, 8)}, model_dir / "model-00001-of-00002.safetensors")  # after evaluation
-    with pytest.raises(WeightsMismatchError, match="model-00001-of-00002.safetensors"):
+    tamper(model_dir)  # after evaluation
+    with pytest.raises(WeightsMismatchError, match=SHARDS[0]):
         register_clean_model(client, run_id, model_dir, name, tags_for({}), expected)
     assert client.search_registered_models(filter_string=f"name='{name}'") == []
     assert client.search_model_versions(f"name='{name}'") == []
-    assert client.list_artifacts(run_id) == []
+    assert client.list_artifacts(run_id) == [] and list(logged_models(client, run_id)) == []
 
 
 def test_one_registration_per_run_and_name(client, new_run, tmp_path, name):
@@ -125,14 +144,16 @@ def test_retry_reuses_an_intact_upload_and_rejects_a_tampered_one(client, new_ru
     model_dir = write_model(tmp_path / "clean")
     expected = weights_sha256(model_dir)
     run_id = new_run()  # a first attempt uploaded the model, then failed before creating the version
-    client.log_artifacts(run_id, str(model_dir), "clean_model")
+    first = log_clean_model(client, run_id, model_dir, name, tags_for({}), expected)
     version = register_clean_model(client, run_id, model_dir, name, tags_for({}), expected)
     assert verify(client, name, version)["ok"]
+    assert [m.model_id for m in logged_models(client, run_id)] == [first.model_id]  # reused, not re-uploaded
+    assert client.get_model_version(name, version).source == first.artifact_location
 
-    other_run = new_run()
-    save_file({"b": torch.zeros(8)}, tmp_path / "clean" / "model-00002-of-00002.safetensors")
-    client.log_artifacts(other_run, str(model_dir), "clean_model")
-    with pytest.raises(WeightsMismatchError, match="artifact 'clean_model'"):
+    other_run = new_run()  # its first attempt's upload is then modified in the artifact store
+    upload = log_clean_model(client, other_run, model_dir, name, tags_for({}), expected)
+    save_file({"b": torch.zeros(8)}, os.path.join(upload.artifact_location.removeprefix("file://"), "model", SHARDS[1]))
+    with pytest.raises(WeightsMismatchError, match=f"logged model {upload.model_id}"):
         register_clean_model(client, other_run, model_dir, name, tags_for({}), expected)
     assert len(client.search_model_versions(f"name='{name}'")) == 1
 
@@ -201,15 +222,15 @@ def test_verify_catches_a_modified_artifact(client, new_run, tmp_path, name):
     kept = verify(client, name, version, dst_path=tmp_path / "download")
     assert kept["ok"] and kept["version"] == version
     recorded = json.loads(client.get_model_version(name, version).tags["weights_sha256"])
-    assert weights_sha256(kept["path"]) == recorded
+    assert weights_sha256(os.path.join(kept["path"], "model")) == recorded  # an MLflow model: weights in model/
 
-    stored = client.get_model_version_download_uri(name, version).removeprefix("file://")
-    save_file({"b": torch.ones(8)}, os.path.join(stored, "model-00002-of-00002.safetensors"))
+    stored = os.path.join(client.get_model_version_download_uri(name, version).removeprefix("file://"), "model")
+    save_file({"b": torch.ones(8)}, os.path.join(stored, SHARDS[1]))
     result = verify(client, f"models:/{name}/{version}")
     assert not result["ok"]
-    assert result["mismatched"] == ["model-00002-of-00002.safetensors"]
-    os.remove(os.path.join(stored, "model-00001-of-00002.safetensors"))
-    assert verify(client, name, version)["missing"] == ["model-00001-of-00002.safetensors"]
+    assert result["mismatched"] == [SHARDS[1]]
+    os.remove(os.path.join(stored, SHARDS[0]))
+    assert verify(client, name, version)["missing"] == [SHARDS[0]]
 
 
 def test_beats_is_pure_policy():

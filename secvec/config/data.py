@@ -43,15 +43,22 @@ class RoleSizes(BaseModel):
     eval_utility: int = Field(ge=0)
 
 
+SourceFormat = Literal["csv", "jsonl", "json", "parquet", "arrow", "txt"]
+SUFFIX_FORMATS: tuple[str, ...] = get_args(SourceFormat)  # a file's suffix names its format
+
+
 class SourceConfig(BaseModel):
-    """A user file (CSV with a header, JSONL, or TXT with one prompt per line) that feeds one role."""
+    """A user file that feeds one role: CSV (header row), JSONL, JSON, Parquet, Arrow (an `.arrow` file or a
+    `save_to_disk` folder) or TXT (one prompt per line); see `secvec.data.sources`."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     path: str  # absolute, or relative to the project root
     role: Role
     is_harmful: bool
-    format: Literal["csv", "jsonl", "txt"] | None = Field(None, validate_default=True)  # None: the suffix
+    format: SourceFormat | None = Field(None, validate_default=True)  # None: the suffix
+    split: str | None = None  # the split of a DatasetDict folder; None: its only split
+    messages_field: str | None = None  # TRL's conversational format: a list of {role, content} per record
     prompt_field: str = "prompt"
     response_field: str | None = Field(None, validate_default=True)  # required for chat roles
     answer_field: str | None = Field(None, validate_default=True)  # exact answers (eval_utility needs them)
@@ -65,18 +72,35 @@ class SourceConfig(BaseModel):
     @classmethod
     def _format_from_suffix(cls, value: str | None, info: ValidationInfo) -> str:
         suffix = Path(info.data.get("path", "")).suffix.lower().lstrip(".")
-        if value is None and suffix not in ("csv", "jsonl", "txt"):
-            raise ValueError(f"cannot tell the format from the suffix {suffix!r}: set csv, jsonl or txt")
+        if value is None and suffix not in SUFFIX_FORMATS:
+            raise ValueError(f"cannot tell the format from the suffix {suffix!r}: set {', '.join(SUFFIX_FORMATS)}"
+                             " (arrow: a save_to_disk folder)")
         return value or suffix
+
+    @field_validator("split")
+    @classmethod
+    def _split_of_a_folder(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None and info.data.get("format") != "arrow":
+            raise ValueError("only an Arrow folder (DatasetDict.save_to_disk) has splits")
+        return value
+
+    @field_validator("messages_field")
+    @classmethod
+    def _messages_in_records(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value and info.data.get("format") == "txt":
+            raise ValueError("a TXT file holds prompts only")
+        return value
 
     @field_validator("response_field")
     @classmethod
     def _response_fits_role(cls, value: str | None, info: ValidationInfo) -> str | None:
-        role, fmt = info.data.get("role"), info.data.get("format")
+        role, fmt, chats = info.data.get("role"), info.data.get("format"), info.data.get("messages_field")
         if value and (role in EVAL_ROLES or fmt == "txt"):
             raise ValueError(f"{'a TXT file' if fmt == 'txt' else 'role ' + repr(role)} holds prompts only")
-        if not value and role in CHAT_ROLES:
-            raise ValueError(f"role {role!r} trains on replies: name the response column")
+        if value and chats:
+            raise ValueError("messages_field holds the whole chat, reply included: leave response_field out")
+        if not value and role in CHAT_ROLES and not chats:
+            raise ValueError(f"role {role!r} trains on replies: name the response column (or messages_field)")
         return value
 
     @field_validator("answer_field")
@@ -85,6 +109,12 @@ class SourceConfig(BaseModel):
         if not value and info.data.get("role") == "eval_utility":
             raise ValueError("role 'eval_utility' is scored by exact answers: name the answer column")
         return value
+
+    @model_validator(mode="after")
+    def _one_record_shape(self) -> SourceConfig:
+        if self.messages_field and self.prompt_field != "prompt":  # the default is unused then
+            raise ValueError("messages_field holds the whole chat: leave prompt_field out")
+        return self
 
 
 class DataConfig(BaseModel):
@@ -144,7 +174,8 @@ def load_data_config(path: str | Path, root: Path | None = None) -> DataConfig:
         check_path(config.shared_datasets, Path(path), node, ("shared_datasets",), root, allow_outside=allow)
     for i, source in enumerate(config.sources):
         loc = ("sources", i, "path")
-        if not check_path(source.path, Path(path), node, loc, root, allow_outside=allow).is_file():
+        found = check_path(source.path, Path(path), node, loc, root, allow_outside=allow)
+        if not (found.is_file() or (source.format == "arrow" and found.is_dir())):  # arrow: a folder too
             raise ConfigError(f"{path}:{yaml_line(node, loc)}: field '{format_loc(loc)}': file not found: "
                               f"{resolve_path(source.path, root)}")
     return config

@@ -25,10 +25,10 @@ HELD_OUT_ROLES = ("sv_val", *EVAL_ROLES)
 
 
 class DataError(ValueError):
-    """Bad input data: the message names the file, the line (record) and the field."""
+    """Bad input data: the message names the file, the line (or `record <index>`) and the field."""
 
     @classmethod
-    def at(cls, file: str | Path, line: int | None, field: str | None, message: str) -> DataError:
+    def at(cls, file: str | Path, line: int | str | None, field: str | None, message: str) -> DataError:
         where = f"{file}:{line}" if line is not None else str(file)
         what = f": field '{field}'" if field else ""
         text = " ".join(f"{where}{what}: {message}".split())  # always one line

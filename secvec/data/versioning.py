@@ -29,7 +29,12 @@ def _open_repo(root: Path):
     os.environ["DVC_NO_ANALYTICS"] = "1"
     from dvc.repo import Repo  # slow import (~1 s): only when DVC is used
 
-    return Repo(str(root))
+    repo = Repo(str(root))
+    # DVC ends every `add` with "To track the changes with git, run: git add ..." and "To enable auto
+    # staging, run: dvc config core.autostage true", even when nothing changed. Staging stays the
+    # developer's (no autostage, see ensure_dvc_repo); `track_and_push` logs when data.dvc really changed.
+    repo.scm_context.quiet = True
+    return repo
 
 
 def _is_git_repo(root: Path) -> bool:
@@ -92,11 +97,14 @@ def track_and_push(root: str | Path, data_dir: str | Path) -> str:
     """
     data = Path(data_dir).resolve()
     dvc_file = data.with_name(f"{data.name}.dvc")
+    before = tracked_md5(dvc_file)
     with _open_repo(Path(root).resolve()) as repo:
         repo.add([str(data)])
         repo.push(targets=[str(dvc_file)])
     md5 = tracked_md5(dvc_file)
     assert md5 == dataset_md5(data), "dataset_md5 disagrees with DVC"  # our cache keys rely on it
+    if md5 != before:
+        log.info("%s now records %s: commit it with git to keep this data version", dvc_file, md5)
     return md5
 
 
