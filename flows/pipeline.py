@@ -21,6 +21,7 @@ from secvec.refs import DataRef, FinetuneResult, ModelRef
 from secvec.registry import version_tags
 from secvec.report import build_report, markdown, metrics_table, plot_metrics, plot_probe_losses, write_report
 from tasks import tracking
+from tasks.align import align
 from tasks.bootstrap import bootstrap
 from tasks.convert import convert
 from tasks.data import log_dataset_to_mlflow, prepare_data
@@ -41,17 +42,24 @@ def stage(name: str, timings: dict[str, float]):
 
 
 def resolve_base(cfg: PipelineConfig, data: DataRef, runtime: RuntimeConfig, timings: dict) -> tuple[ModelRef, bool]:
-    """The configured local model directory, a GGUF file converted (and cached) to one, or the tiny aligned
-    base bootstrapped (and cached) here."""
-    if cfg.base_model:
-        return ModelRef.of(check_model_dir(cfg.base_model, allow_pickle=cfg.allow_pickle)), False
-    if cfg.base_gguf:
-        src = cfg.base_gguf
-        gguf = packaged_gguf(src.package, src.file) if src.package else src.path
-        with stage("convert_gguf", timings):
-            converted = convert(gguf_sha256(gguf), str(gguf))
-        # then like any local model directory: checked, hashed, loaded by models.load_causal_lm downstream
-        return ModelRef.of(check_model_dir(converted.dir)), False
+    """The configured local model directory or a GGUF file converted (and cached) to one, aligned on `align`
+    first when `cfg.align` says so (cached), or the tiny aligned base bootstrapped (and cached) here."""
+    if cfg.base_model or cfg.base_gguf:
+        if cfg.base_model:
+            given = ModelRef.of(check_model_dir(cfg.base_model, allow_pickle=cfg.allow_pickle))
+        else:
+            src = cfg.base_gguf
+            gguf = packaged_gguf(src.package, src.file) if src.package else src.path
+            with stage("convert_gguf", timings):
+                converted = convert(gguf_sha256(gguf), str(gguf))
+            # then like any local model directory: checked, hashed, loaded by models.load_causal_lm downstream
+            given = ModelRef.of(check_model_dir(converted.dir))
+        if cfg.align is None:
+            return given, False
+        with stage("align", timings):
+            aligned = align(given, data, cfg.align, runtime)
+        tracking.log_history("align", aligned.history)
+        return aligned.model, False
     with stage("bootstrap", timings):
         base = bootstrap(data, cfg.bootstrap, runtime)
     tracking.log_history("bootstrap", base.history)

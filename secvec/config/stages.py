@@ -254,6 +254,10 @@ class PipelineConfig(BaseModel):
     allow_outside_project: bool = False  # read `data` / `base_model` outside the project (never `data_dir`)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     bootstrap: BootstrapConfig = Field(default_factory=BootstrapConfig)
+    # A given base (base_model / base_gguf) fine-tuned on the `align` role first (refusals of harmful prompts,
+    # benign answers): a pretrained chat model that complies with harm gets the alignment the method assumes.
+    # None: used as given (a bootstrapped base is always aligned).
+    align: TrainConfig | None = Field(None, exclude_if=lambda v: v is None)
     vector: VectorConfig = Field(default_factory=VectorConfig)
     coverage_first_k: int = Field(8, ge=1)
     screen: ScreenConfig = Field(default_factory=ScreenConfig)
@@ -271,6 +275,13 @@ class PipelineConfig(BaseModel):
             raise ValueError("set base_model (a model directory) or base_gguf (a GGUF file), not both; "
                              "neither bootstraps the tiny base")
         return value
+
+    @model_validator(mode="after")
+    def _align_a_given_base(self) -> PipelineConfig:
+        if self.align is not None and self.base_model is None and self.base_gguf is None:
+            raise ValueError("align: aligns a given base (base_model or base_gguf); the bootstrapped base is "
+                             "aligned by bootstrap.train")
+        return self
 
 
 def with_runtime(cfg: PipelineConfig, overrides: dict) -> PipelineConfig:
