@@ -12,7 +12,6 @@ from __future__ import annotations
 import filecmp
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -23,6 +22,7 @@ from importlib.metadata import version as installed_version
 from pathlib import Path
 
 import pytest
+from test_registry import free_port, wait_healthy
 
 pytestmark = pytest.mark.slow
 
@@ -166,12 +166,6 @@ def test_pyfunc_predicts_a_chat_reply(champion, reference_reply):
     assert response["choices"][0]["message"]["content"].strip() == reference_reply
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def post(url: str, body: dict) -> tuple[int, dict]:
     request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
     try:
@@ -179,20 +173,6 @@ def post(url: str, body: dict) -> tuple[int, dict]:
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as err:
         return err.code, json.loads(err.read() or b"{}")
-
-
-def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 180.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"mlflow models serve exited with code {proc.returncode}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.25)
-    raise TimeoutError(f"{url} not ready after {timeout:.0f} s")
 
 
 def serve_env() -> dict[str, str]:
@@ -212,7 +192,7 @@ def test_mlflow_models_serve_answers_a_chat_request(champion, reference_reply, t
                                 env=serve_env())
     try:
         try:
-            wait_ready(f"http://127.0.0.1:{port}/ping", proc)
+            wait_healthy(f"http://127.0.0.1:{port}/ping", proc, timeout=180)
         except (RuntimeError, TimeoutError) as err:
             pytest.fail(f"{err}\n{log_path.read_text()[-3000:]}")
         ready_s = time.monotonic() - started

@@ -17,9 +17,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from test_registry import POLICY, free_port, tags_for, wait_healthy, write_model
 
 from secvec.registry_lock import LOCK_URI_ENV, RegistryLockTimeout, registry_lock
-from tests.test_registry import POLICY, free_port, tags_for, wait_healthy, write_model
 
 pytestmark = pytest.mark.slow
 
