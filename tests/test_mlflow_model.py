@@ -22,7 +22,7 @@ from importlib.metadata import version as installed_version
 from pathlib import Path
 
 import pytest
-from test_registry import free_port, wait_healthy
+from test_registry import free_port, stop_group, wait_healthy
 
 pytestmark = pytest.mark.slow
 
@@ -206,13 +206,7 @@ def test_mlflow_models_serve_answers_a_chat_request(champion, reference_reply, t
         status, body = post(f"http://127.0.0.1:{port}/invocations", {"prompt": PROMPT})  # not a chat request
         assert status == 400 and "messages" in json.dumps(body), body
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, 15)  # the server's workers share its process group (start_new_session)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
-            proc.wait()
+        stop_group(proc)
     record_property("serve_ready_s", round(ready_s, 2))
     record_property("chat_request_s", round(latency_s, 3))
     print(f"\nmlflow models serve: ready after {ready_s:.1f} s, one chat request {latency_s * 1000:.0f} ms")

@@ -266,6 +266,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def stop_group(proc: subprocess.Popen) -> None:
+    """Stop a server started with start_new_session: its workers share its process group."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, 15)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+        proc.wait()
+
+
 def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -304,9 +315,4 @@ def test_register_through_a_real_tracking_server(tmp_path):
         assert aliases(client, name) == {CANDIDATE: version, CHAMPION: version}
         assert verify(client, f"models:/{name}@{CHAMPION}")["ok"]
     finally:
-        os.killpg(proc.pid, 15)  # the server's workers share its process group (start_new_session)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
-            proc.wait()
+        stop_group(proc)
