@@ -370,6 +370,22 @@ def test_every_shipped_pipeline_config_loads(path):
     load_data_config(cfg.data)
 
 
+BENCH_AND_ATTACK = sorted([*(PROJECT_ROOT / "configs" / "bench").glob("*.yaml"),
+                           *(PROJECT_ROOT / "configs" / "attack").glob("*.yaml")])
+
+
+@pytest.mark.parametrize("path", BENCH_AND_ATTACK, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_shipped_bench_and_attack_config_loads_with_its_pipeline(path):
+    """Bench and attack presets name a pipeline preset: both must load (and the bench's cells expand)."""
+    from secvec.bench.cells import expand_cells
+    from secvec.config import load_attack_config, load_bench_config
+
+    cfg = (load_bench_config if path.parent.name == "bench" else load_attack_config)(path)
+    load_pipeline_config(cfg.pipeline)
+    if path.parent.name == "bench":
+        assert expand_cells(cfg)
+
+
 def test_presets_are_shipped():
     assert {p.stem for p in SHIPPED} >= {"default", "micro", "public", "local-model.example"}
 
