@@ -29,7 +29,7 @@ from tasks import tracking
 from tasks.bench import attack_pool, cell_data
 from tasks.data import prepare_data
 from tasks.evaluate import evaluate, with_judge
-from tasks.finetune import finetune_backbone
+from tasks.finetune import finetune_backbone, guarded_data, unguarded
 from tasks.strip import strip
 from tasks.vector import fit_security_vector
 
@@ -54,14 +54,17 @@ def secvec_attack(config: str = "default", out_dir: str | None = None, runtime: 
         eval_cfg = with_judge(cfg.eval or pipe.eval, pipe.data, rt)
         # The floor: plain fine-tuning at the pipeline's own settings on the attack's largest data.
         ref_data = cell_data(data, pool, max(cfg.space.harmful), cfg.benign, cfg.seed)
-        plain = finetune_backbone(base, None, ref_data, pipe.finetune.model_copy(update={"mode": "full"}), rt)
+        plain = finetune_backbone(base, None, ref_data, unguarded(pipe.finetune.model_copy(update={"mode": "full"})), rt)
         floor = cfg.utility_floor * (evaluate("attack-reference", plain.model, ref_data, eval_cfg, rt)["utility"] or 0)
 
         def objective(trial: optuna.Trial, arm: str) -> float:
             params = suggest(trial, cfg.space, arm)
             cell = cell_data(data, pool, params.harmful, cfg.benign, cfg.seed)
-            ft = finetune_backbone(base, vector if arm == "secvec" else None, cell,
-                                   attack_finetune(pipe.finetune, params, cfg.epochs_scale), rt)
+            ft_cfg = attack_finetune(pipe.finetune, params, cfg.epochs_scale)
+            if arm == "secvec":  # the defense as the pipeline runs it, alignment replay included
+                ft = finetune_backbone(base, vector, guarded_data(cell, data, ft_cfg), ft_cfg, rt)
+            else:
+                ft = finetune_backbone(base, None, cell, unguarded(ft_cfg), rt)
             model = strip(ft.guarded, cell, rt).model if arm == "secvec" else ft.model
             metrics = evaluate(f"attack-{arm}-t{trial.number}", model, cell, eval_cfg, rt)
             utility = metrics["utility"] or 0.0

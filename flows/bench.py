@@ -50,7 +50,7 @@ from tasks import tracking
 from tasks.bench import attack_pool, cell_data, forgetfilter, score_base_tasks
 from tasks.data import prepare_data
 from tasks.evaluate import evaluate, with_judge
-from tasks.finetune import finetune_backbone
+from tasks.finetune import finetune_backbone, guarded_data, unguarded
 from tasks.screen import screen
 from tasks.strip import strip
 from tasks.vector import fit_security_vector
@@ -105,7 +105,7 @@ def run_job(bench: Bench, job: Job, pool: DataRef) -> list[dict]:
         if arm == "base":
             runs[arm] = arm_record(arm, bench.base_metrics, bench.base_tasks, bench.unseen(bench.base_metrics))
         elif arm == "plain":
-            plain = bench.finetune(None, data, cfgs["full"])  # the same stage run as forgetfilter's
+            plain = bench.finetune(None, data, unguarded(cfgs["full"]))  # the same stage run as forgetfilter's
             runs[arm] = bench.score(arm, label, plain.model, data, probes=plain.probes)
         elif arm in ("secvec", "secvec_screen", "secvec_lora"):
             vector, train_data, extra = bench.vector(seed), data, {}
@@ -113,14 +113,15 @@ def run_job(bench: Bench, job: Job, pool: DataRef) -> list[dict]:
                 cut = {"mode": "drop", "threshold": bench.screen_threshold(vector)}
                 screened = screen(bench.base, vector, data, bench.pipe.screen.model_copy(update=cut), bench.runtime)
                 train_data, extra = screened.data, {"screen": screen_stats(screened.report)}
-            guarded = bench.finetune(vector, train_data, cfgs["lora" if arm == "secvec_lora" else "full"])
+            ft = cfgs["lora" if arm == "secvec_lora" else "full"]
+            guarded = bench.finetune(vector, guarded_data(train_data, bench.data, ft), ft)
             clean = strip(guarded.guarded, data, bench.runtime)
             runs[arm] = bench.score(arm, label, clean.model, data, probes=guarded.probes,
                                     strip_check=clean.strip_check["passed"], **extra)
         else:  # forgetfilter: filter with the noisy (plain) model, re-fine-tune the base on what is left
-            noisy = bench.finetune(None, data, cfgs["full"])
+            noisy = bench.finetune(None, data, unguarded(cfgs["full"]))
             kept = forgetfilter(noisy.model, data, bench.data, bench.cfg.forgetfilter, bench.runtime)
-            model = bench.finetune(None, kept.data, cfgs["full"]).model
+            model = bench.finetune(None, kept.data, unguarded(cfgs["full"])).model
             runs[arm] = bench.score(arm, label, model, data, filter=kept.stats)
     records = with_immunization(runs, bench.base_metrics, bench.base_tasks, bench.unseen(bench.base_metrics), seed)
     get_run_logger().info("cell %s base %d seed %d: %s", cell.name, bench.base_seed, seed,

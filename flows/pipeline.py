@@ -26,7 +26,7 @@ from tasks.bootstrap import bootstrap
 from tasks.convert import convert
 from tasks.data import log_dataset_to_mlflow, prepare_data
 from tasks.evaluate import evaluate, with_judge
-from tasks.finetune import finetune_backbone
+from tasks.finetune import finetune_backbone, guarded_data, unguarded
 from tasks.register import gate, register
 from tasks.screen import screen
 from tasks.strip import strip
@@ -92,6 +92,7 @@ def secvec_pipeline(config: str = "default", out_dir: str | None = None, runtime
                 screened = screen(base, fitted.vector, data, cfg.screen, rt)
         train_data = screened.data if screened else data  # screened only in `drop` mode
         with stage("guarded_finetune", timings):
+            train_data = guarded_data(train_data, data, cfg.finetune)  # + the alignment replay, if configured
             guarded = finetune_backbone(base, fitted.vector, train_data, cfg.finetune, rt)
         tracking.log_history("finetune", guarded.history)
         tracking.log_history("finetune_probe", guarded.probes)
@@ -105,7 +106,7 @@ def secvec_pipeline(config: str = "default", out_dir: str | None = None, runtime
         plain = None
         if cfg.plain_reference:
             with stage("plain_reference", timings):
-                plain = finetune_backbone(base, None, data, cfg.finetune.model_copy(update={"mode": "full"}), rt)
+                plain = finetune_backbone(base, None, data, unguarded(cfg.finetune.model_copy(update={"mode": "full"})), rt)
                 metrics["plain"] = evaluate("plain", plain.model, data, eval_cfg, rt)
             tracking.log_history("plain_probe", plain.probes)
 

@@ -105,6 +105,10 @@ class FinetuneConfig(BaseModel):
     # The vector's strength while guarding: its LoRA scaling x this (1: as fitted; an ablation lever). Left
     # out of the dump (and so of every stage key) at 1, so the stages cached before it existed stay valid.
     vector_scale: float = Field(1.0, gt=0, exclude_if=lambda v: v == 1.0)
+    # Guarded fine-tuning also replays this many chats of the base's `align` data (refusals, benign and
+    # look-alike answers): the vector blocks what the harmful samples teach, replay what the benign ones
+    # erode. Never applied to the plain reference. Left out of the dump (and every stage key) at 0.
+    replay: int = Field(0, ge=0, exclude_if=lambda v: v == 0)
     task_rank: int = Field(16, ge=1)
     task_alpha: float = Field(32, gt=0)
     probe_steps: int = Field(0, ge=0)  # every N steps, log harmful/benign probe losses (0: never)

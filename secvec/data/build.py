@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -124,6 +125,22 @@ def build_dataset(config: DataConfig, out_dir: str | Path, root: Path | None = N
     manifest = Manifest.of(roles, config.preset, config.seed, config.model_dump(mode="json"))
     write_dataset(roles, out, manifest, label)
     return manifest
+
+
+def replay_examples(align: Sequence[Mapping], n: int, seed: int) -> list[dict]:
+    """n chats of the base's alignment data (refusals of harmful prompts, benign and look-alike answers, in
+    their proportions), drawn with `seed`, as fine-tuning examples: replayed beside the user's data so that
+    fine-tuning does not erode the refusals the base learned. Each is a safe training example, so it is
+    labelled not harmful (in the `align` role `is_harmful` marks a harmful *prompt*, answered by a refusal).
+
+    Raises:
+        ValueError: when `align` holds fewer than n chats.
+    """
+    if n > len(align):
+        raise ValueError(f"finetune.replay: {n} chats wanted, the `align` role holds {len(align)}")
+    rng = random.Random(seed)
+    return [{**ex, "id": f"replay-{ex['id']}", "role": "finetune", "is_harmful": False,
+             "source": f"replay:{ex.get('source', 'align')}"} for ex in rng.sample(list(align), n)]
 
 
 def with_finetune(data_dir: str | Path, finetune: Sequence[Mapping], out_dir: str | Path, origin: dict) -> Path:
