@@ -60,7 +60,7 @@ def secvec_attack(config: str = "default", out_dir: str | None = None, runtime: 
         def objective(trial: optuna.Trial, arm: str) -> float:
             params = suggest(trial, cfg.space, arm)
             cell = cell_data(data, pool, params.harmful, cfg.benign, cfg.seed)
-            ft_cfg = attack_finetune(pipe.finetune, params, cfg.epochs_scale)
+            ft_cfg = attack_finetune(pipe.finetune, params, cfg.epochs_scale, sgd_lr_factor=cfg.space.sgd_lr_factor)
             if arm == "secvec":  # the defense as the pipeline runs it, alignment replay included
                 ft = finetune_backbone(base, vector, guarded_data(cell, data, ft_cfg), ft_cfg, rt)
             else:

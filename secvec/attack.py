@@ -49,9 +49,11 @@ def suggest(trial: optuna.Trial, space: AttackSpace, arm: str) -> AttackParams:
 
 
 def attack_finetune(base: FinetuneConfig, params: AttackParams, epochs_scale: float = 1.0,
-                    lora_learning_rate: float = 1e-3) -> FinetuneConfig:
-    """The pipeline's fine-tuning with the attacker's choices (the task LoRA's lr is scaled likewise)."""
+                    lora_learning_rate: float = 1e-3, sgd_lr_factor: float = 1.0) -> FinetuneConfig:
+    """The pipeline's fine-tuning with the attacker's choices (the task LoRA's lr is scaled likewise, and SGD's
+    x1 is `sgd_lr_factor` times AdamW's)."""
     lr = (base.train.learning_rate if params.mode == "full" else lora_learning_rate) * params.lr_scale
+    lr *= sgd_lr_factor if params.optimizer == "sgd" else 1.0
     train = base.train.model_copy(update={"learning_rate": lr, "epochs": params.epochs * epochs_scale,
                                           "optimizer": params.optimizer, "scheduler": params.scheduler})
     return base.model_copy(update={"mode": params.mode, "train": train})

@@ -34,6 +34,11 @@ def test_the_plain_arm_never_draws_a_task_lora_and_the_draw_shapes_the_fine_tuni
     cfg = attack_finetune(FinetuneConfig(), params, epochs_scale=0.5, lora_learning_rate=1e-3)
     assert cfg.mode == "lora" and cfg.train.learning_rate == pytest.approx(1e-2) and cfg.train.epochs == 1.0
     assert (cfg.train.optimizer, cfg.train.scheduler) == ("sgd", "cosine")
+    # SGD's x1 is a multiple of AdamW's (AttackSpace.sgd_lr_factor): at AdamW's rate it learns nothing
+    adamw = attack_finetune(FinetuneConfig(), params.model_copy(update={"optimizer": "adamw", "mode": "full"}),
+                            sgd_lr_factor=100.0)
+    sgd = attack_finetune(FinetuneConfig(), params.model_copy(update={"mode": "full"}), sgd_lr_factor=100.0)
+    assert sgd.train.learning_rate == pytest.approx(100 * adamw.train.learning_rate)
 
 
 def test_the_worst_case_counts_only_attacks_above_the_utility_floor(tmp_path):

@@ -23,6 +23,9 @@ class AttackSpace(BaseModel):
     modes: tuple[Literal["full", "lora"], ...] = ("full", "lora")  # lora: a task LoRA (guarded arms only)
     schedulers: tuple[Literal["linear", "constant", "cosine"], ...] = ("linear", "constant", "cosine")
     harmful: tuple[int, ...] = (100, 300, 1000)  # harmful samples among the attack's data
+    # SGD has no per-parameter step normalisation: at AdamW's learning rate it does not learn at all (every SGD
+    # trial of the first default search kept a task accuracy of 0.00), so its x1 is this many times AdamW's
+    sgd_lr_factor: float = Field(100.0, gt=0)
 
     @model_validator(mode="after")
     def _ranges(self) -> AttackSpace:
