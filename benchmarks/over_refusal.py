@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     from secvec.vector import load_with_vector
     from tasks.data import prepare_data
     from tasks.evaluate import with_judge
-    from tasks.finetune import finetune_backbone
+    from tasks.finetune import finetune_backbone, guarded_data, unguarded
     from tasks.strip import strip
     from tasks.vector import fit_security_vector
 
@@ -85,9 +85,10 @@ def main(argv: list[str] | None = None) -> int:
         data = prepare_data(str(cfg.data), str(cfg.data_dir) if cfg.data_dir else None)
         base, _ = resolve_base(cfg, data, rt, {})
         vector = fit_security_vector(base, data, cfg.vector, rt).vector
-        guarded = finetune_backbone(base, vector, data, cfg.finetune, rt)
-        clean = strip(guarded.guarded, data, rt)
-        plain = finetune_backbone(base, None, data, cfg.finetune.model_copy(update={"mode": "full"}), rt)
+        train = guarded_data(data, data, cfg.finetune)  # as the pipeline: + the alignment replay, if configured
+        guarded = finetune_backbone(base, vector, train, cfg.finetune, rt)
+        clean = strip(guarded.guarded, train, rt)
+        plain = finetune_backbone(base, None, data, unguarded(cfg.finetune.model_copy(update={"mode": "full"})), rt)
         eval_cfg = with_judge(cfg.eval, cfg.data, rt)
         if args.max_per_role:
             eval_cfg = eval_cfg.model_copy(update={"max_per_role": args.max_per_role})
