@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     from secvec.vector import load_with_vector
     from tasks.data import prepare_data
     from tasks.evaluate import with_judge
-    from tasks.finetune import finetune_backbone, guarded_data, unguarded
+    from tasks.finetune import finetune_backbone, guarded_data, plain_reference
     from tasks.strip import strip
     from tasks.vector import fit_security_vector
 
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         train = guarded_data(data, data, cfg.finetune)  # as the pipeline: + the alignment replay, if configured
         guarded = finetune_backbone(base, vector, train, cfg.finetune, rt)
         clean = strip(guarded.guarded, train, rt)
-        plain = finetune_backbone(base, None, data, unguarded(cfg.finetune.model_copy(update={"mode": "full"})), rt)
+        plain = finetune_backbone(base, None, data, plain_reference(cfg.finetune), rt)
         eval_cfg = with_judge(cfg.eval, cfg.data, rt)
         if args.max_per_role:
             eval_cfg = eval_cfg.model_copy(update={"max_per_role": args.max_per_role})

@@ -29,7 +29,7 @@ from tasks import tracking
 from tasks.bench import attack_pool, cell_data
 from tasks.data import prepare_data
 from tasks.evaluate import evaluate, with_judge
-from tasks.finetune import finetune_backbone, guarded_data, unguarded
+from tasks.finetune import finetune_backbone, guarded_data, plain_reference, unguarded
 from tasks.strip import strip
 from tasks.vector import fit_security_vector
 
@@ -54,7 +54,7 @@ def secvec_attack(config: str = "default", out_dir: str | None = None, runtime: 
         eval_cfg = with_judge(cfg.eval or pipe.eval, pipe.data, rt)
         # The floor: plain fine-tuning at the pipeline's own settings on the attack's largest data.
         ref_data = cell_data(data, pool, max(cfg.space.harmful), cfg.benign, cfg.seed)
-        plain = finetune_backbone(base, None, ref_data, unguarded(pipe.finetune.model_copy(update={"mode": "full"})), rt)
+        plain = finetune_backbone(base, None, ref_data, plain_reference(pipe.finetune), rt)
         floor = cfg.utility_floor * (evaluate("attack-reference", plain.model, ref_data, eval_cfg, rt)["utility"] or 0)
 
         def objective(trial: optuna.Trial, arm: str) -> float:

@@ -99,13 +99,14 @@ def run_job(bench: Bench, job: Job, pool: DataRef) -> list[dict]:
     cell, seed = job.cell, job.seed
     data = cell_data(bench.data, pool, cell.harmful, cell.benign, seed)
     cfgs = finetune_configs(bench.pipe.finetune, cell, seed, bench.cfg.epochs, bench.cfg.lora_learning_rate)
+    plain_cfg = unguarded(cfgs["full"])  # plain and forgetfilter: the cell's training, without the replay
     runs: dict[str, dict] = {}
     for arm in cell.arms:
         label = f"{arm}-{cell.name}-b{bench.base_seed}-s{seed}"
         if arm == "base":
             runs[arm] = arm_record(arm, bench.base_metrics, bench.base_tasks, bench.unseen(bench.base_metrics))
         elif arm == "plain":
-            plain = bench.finetune(None, data, unguarded(cfgs["full"]))  # the same stage run as forgetfilter's
+            plain = bench.finetune(None, data, plain_cfg)  # the same stage run as forgetfilter's
             runs[arm] = bench.score(arm, label, plain.model, data, probes=plain.probes)
         elif arm in ("secvec", "secvec_screen", "secvec_lora"):
             vector, train_data, extra = bench.vector(seed), data, {}
@@ -119,9 +120,9 @@ def run_job(bench: Bench, job: Job, pool: DataRef) -> list[dict]:
             runs[arm] = bench.score(arm, label, clean.model, data, probes=guarded.probes,
                                     strip_check=clean.strip_check["passed"], **extra)
         else:  # forgetfilter: filter with the noisy (plain) model, re-fine-tune the base on what is left
-            noisy = bench.finetune(None, data, unguarded(cfgs["full"]))
+            noisy = bench.finetune(None, data, plain_cfg)
             kept = forgetfilter(noisy.model, data, bench.data, bench.cfg.forgetfilter, bench.runtime)
-            model = bench.finetune(None, kept.data, unguarded(cfgs["full"])).model
+            model = bench.finetune(None, kept.data, plain_cfg).model
             runs[arm] = bench.score(arm, label, model, data, filter=kept.stats)
     records = with_immunization(runs, bench.base_metrics, bench.base_tasks, bench.unseen(bench.base_metrics), seed)
     get_run_logger().info("cell %s base %d seed %d: %s", cell.name, bench.base_seed, seed,

@@ -26,7 +26,7 @@ from tasks.bootstrap import bootstrap
 from tasks.convert import convert
 from tasks.data import log_dataset_to_mlflow, prepare_data
 from tasks.evaluate import evaluate, with_judge
-from tasks.finetune import finetune_backbone, guarded_data, unguarded
+from tasks.finetune import finetune_backbone, guarded_data, plain_reference
 from tasks.register import gate, register
 from tasks.screen import screen
 from tasks.strip import strip
@@ -106,7 +106,7 @@ def secvec_pipeline(config: str = "default", out_dir: str | None = None, runtime
         plain = None
         if cfg.plain_reference:
             with stage("plain_reference", timings):
-                plain = finetune_backbone(base, None, data, unguarded(cfg.finetune.model_copy(update={"mode": "full"})), rt)
+                plain = finetune_backbone(base, None, data, plain_reference(cfg.finetune), rt)
                 metrics["plain"] = evaluate("plain", plain.model, data, eval_cfg, rt)
             tracking.log_history("plain_probe", plain.probes)
 

@@ -47,3 +47,8 @@ def unguarded(cfg: FinetuneConfig) -> FinetuneConfig:
     """The same fine-tuning without what the defense adds to it (the alignment replay): what plain fine-tuning,
     the reference and the attacker's arm, trains with."""
     return cfg.model_copy(update={"replay": 0})
+
+
+def plain_reference(cfg: FinetuneConfig) -> FinetuneConfig:
+    """The plain reference's fine-tuning: the pipeline's own training, full, unguarded."""
+    return unguarded(cfg.model_copy(update={"mode": "full"}))

@@ -60,9 +60,10 @@ def test_the_stage_adds_the_replay_to_a_cell_and_leaves_its_other_roles(micro_da
 def test_plain_fine_tuning_never_replays_and_keeps_its_cache_keys(micro_data):
     """`unguarded` strips the replay, and a config at replay 0 dumps as one made before the field existed,
     so the plain runs cached before it (the reference, every bench's plain arm) stay valid."""
-    from tasks.finetune import guarded_data, unguarded
+    from tasks.finetune import guarded_data, plain_reference, unguarded
 
     cfg = FinetuneConfig(replay=200)
     assert unguarded(cfg).replay == 0 and "replay" not in unguarded(cfg).model_dump()
     assert unguarded(cfg).model_dump() == FinetuneConfig().model_dump()
+    assert plain_reference(FinetuneConfig(mode="lora", replay=200)).model_dump() == FinetuneConfig().model_dump()
     assert guarded_data(micro_data, micro_data, FinetuneConfig()) is micro_data
