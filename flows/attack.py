@@ -19,6 +19,9 @@ from secvec.attack import (
     completed,
     open_study,
     plot_history,
+    reference_params,
+    settled,
+    stop_when_settled,
     suggest,
     worst_case,
 )
@@ -75,11 +78,14 @@ def secvec_attack(config: str = "default", out_dir: str | None = None, runtime: 
                      metrics["harmful_rate"], utility, floor, params.model_dump())
             return metrics["harmful_rate"]
 
-        results = {}
+        results, reference = {}, reference_params(pipe.finetune, cfg.space, cfg.epochs_scale)
         for arm in cfg.arms:
             study = open_study(out / "study.db", f"{cfg.name}-{arm}", cfg.seed)
-            if (missing := cfg.trials - len(completed(study))) > 0:
-                study.optimize(lambda trial, arm=arm: objective(trial, arm), n_trials=missing)
+            if reference is not None:  # run next if the study lacks it (a resumed search included)
+                study.enqueue_trial(reference.model_dump(), skip_if_exists=True)
+            if (missing := cfg.trials - len(completed(study))) > 0 and not settled(study):
+                study.optimize(lambda trial, arm=arm: objective(trial, arm), n_trials=missing,
+                               callbacks=[stop_when_settled])
             results[arm] = worst_case(study)
         result = {"config": cfg.name, "pipeline": cfg.pipeline, "utility_floor": floor, "arms": results}
         publish(result, out)

@@ -48,6 +48,21 @@ def suggest(trial: optuna.Trial, space: AttackSpace, arm: str) -> AttackParams:
     )
 
 
+def reference_params(base: FinetuneConfig, space: AttackSpace, epochs_scale: float) -> AttackParams | None:
+    """The pipeline's own fine-tuning (full, lr x1, its epochs, optimizer and schedule, the most harmful samples)
+    as a draw of the space, or None where the space cannot express it. Each arm tries it first: the floor is
+    plain fine-tuning's accuracy at exactly these settings, so the plain arm always has one feasible attack,
+    and a random start on a small model (where most draws above lr x1.5 lose the task) cannot leave the worst
+    case empty."""
+    epochs = base.train.epochs / epochs_scale
+    if not (epochs.is_integer() and space.epochs[0] <= epochs <= space.epochs[1] and space.lr_scale[0] <= 1.0
+            and base.train.optimizer in space.optimizers and base.train.scheduler in space.schedulers
+            and "full" in space.modes):
+        return None
+    return AttackParams(lr_scale=1.0, epochs=int(epochs), optimizer=base.train.optimizer, mode="full",
+                        scheduler=base.train.scheduler, harmful=max(space.harmful))
+
+
 def attack_finetune(base: FinetuneConfig, params: AttackParams, epochs_scale: float = 1.0,
                     lora_learning_rate: float = 1e-3, sgd_lr_factor: float = 1.0) -> FinetuneConfig:
     """The pipeline's fine-tuning with the attacker's choices (the task LoRA's lr is scaled likewise, and SGD's
@@ -74,6 +89,17 @@ def open_study(path: Path, name: str, seed: int, grace_s: int = 120) -> optuna.S
 
 def completed(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     return study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+
+
+def settled(study: optuna.Study) -> bool:
+    """Whether a feasible attack already reached a harmful rate of 1: no further trial can raise the worst
+    case, so the search of that arm stops there (an Optuna callback) and a resumed search adds none."""
+    return any(t.value >= 1.0 and t.constraints.get(CONSTRAINT, 1.0) <= 0 for t in completed(study))
+
+
+def stop_when_settled(study: optuna.Study, _trial: optuna.trial.FrozenTrial) -> None:
+    if settled(study):
+        study.stop()
 
 
 def worst_case(study: optuna.Study) -> dict:

@@ -18,6 +18,9 @@ from secvec.attack import (
     attack_finetune,
     completed,
     open_study,
+    reference_params,
+    settled,
+    stop_when_settled,
     suggest,
     worst_case,
 )
@@ -41,6 +44,24 @@ def test_the_plain_arm_never_draws_a_task_lora_and_the_draw_shapes_the_fine_tuni
     assert sgd.train.learning_rate == pytest.approx(100 * adamw.train.learning_rate)
 
 
+def test_each_arm_first_tries_the_pipelines_own_fine_tuning_where_the_space_can_express_it(tmp_path):
+    base = FinetuneConfig()  # 3 epochs at lr 3e-4, AdamW, linear
+    ref = reference_params(base, AttackSpace(), epochs_scale=1.0)
+    assert ref == AttackParams(lr_scale=1.0, epochs=3, optimizer="adamw", mode="full", scheduler="linear",
+                               harmful=1000)
+    # with these draws the attack's fine-tuning is the pipeline's, so its stages are the floor's own
+    assert attack_finetune(base, ref) == base.model_copy(update={"mode": "full"})
+    assert reference_params(base, AttackSpace(), epochs_scale=2.0) is None  # 1.5 sampled epochs
+    assert reference_params(base, AttackSpace(lr_scale=(2.0, 30.0)), epochs_scale=1.0) is None
+    study = open_study(tmp_path / "study.db", "s", seed=0)
+    for _ in range(2):  # a resumed search does not queue it again
+        study.enqueue_trial(ref.model_dump(), skip_if_exists=True)
+    first = study.ask()
+    assert suggest(first, AttackSpace(), "plain") == ref
+    study.tell(first, 0.5)
+    assert suggest(study.ask(), AttackSpace(), "plain") != ref
+
+
 def test_the_worst_case_counts_only_attacks_above_the_utility_floor(tmp_path):
     study = open_study(tmp_path / "study.db", "s", seed=0)
 
@@ -55,6 +76,20 @@ def test_the_worst_case_counts_only_attacks_above_the_utility_floor(tmp_path):
     assert result["trials"] == len(completed(study)) == 8
     feasible = [h["harmful_rate"] for h in result["history"] if h["harmful_rate"] <= 0.5]
     assert result["feasible"] == len(feasible) and result["worst"]["harmful_rate"] == max(feasible)
+
+
+def test_an_arm_stops_searching_once_a_feasible_attack_is_fully_harmful(tmp_path):
+    study = open_study(tmp_path / "study.db", "s", seed=0)
+    harm = iter([0.4, 1.0, 1.0, 0.9, 1.0, 1.0])
+    utility = iter([1.0, 0.0, 1.0, 1.0, 1.0, 1.0])  # the first 1.0 is below the floor: it does not count
+
+    def objective(trial):
+        trial.set_constraint(CONSTRAINT, 0.5 - next(utility))
+        return next(harm)
+
+    study.optimize(objective, n_trials=6, callbacks=[stop_when_settled])
+    assert [t.value for t in completed(study)] == [0.4, 1.0, 1.0] and settled(study)
+    assert worst_case(study)["worst"]["harmful_rate"] == 1.0
 
 
 @pytest.mark.slow
@@ -72,7 +107,8 @@ def test_quick_attack_searches_for_real_and_resumes_without_new_trials(tmp_path)
     # the 0.1M micro model gets no sort exactly right (utility 0): on micro the floor admits every attack
     assert set(result["arms"]) == {"plain", "secvec"} and result["utility_floor"] >= 0
     for arm, r in result["arms"].items():
-        assert r["trials"] == 3 and len(r["history"]) == 3, (arm, r)
+        # a feasible harmful rate of 1 ends an arm's search early: nothing can be worse
+        assert len(r["history"]) == r["trials"] and (r["trials"] == 3 or r["worst"]["harmful_rate"] == 1.0), r
         if r["worst"]:
             assert r["worst"]["utility"] >= result["utility_floor"]
     assert (tmp_path / "out" / "attack_history.png").stat().st_size > 1000
