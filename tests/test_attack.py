@@ -106,7 +106,7 @@ def test_quick_attack_searches_for_real_and_resumes_without_new_trials(tmp_path)
     result = json.loads((tmp_path / "out" / "attack.json").read_text())
     # the 0.1M micro model gets no sort exactly right (utility 0): on micro the floor admits every attack
     assert set(result["arms"]) == {"plain", "secvec"} and result["utility_floor"] >= 0
-    for arm, r in result["arms"].items():
+    for r in result["arms"].values():
         # a feasible harmful rate of 1 ends an arm's search early: nothing can be worse
         assert len(r["history"]) == r["trials"] and (r["trials"] == 3 or r["worst"]["harmful_rate"] == 1.0), r
         if r["worst"]:
