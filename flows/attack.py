@@ -38,10 +38,12 @@ from tasks.vector import fit_security_vector
 
 
 @flow(name="secvec-attack")
-def secvec_attack(config: str = "default", out_dir: str | None = None, runtime: dict | None = None) -> dict:
+def secvec_attack(config: str = "default", out_dir: str | None = None, runtime: dict | None = None,
+                  trials: int | None = None) -> dict:
     """Run an attack preset (configs/attack/) or YAML; returns attack.json's content. The studies live in
-    `<out>/study.db`: a re-run adds only the trials still missing."""
+    `<out>/study.db`: a re-run adds only the trials still missing (`trials` overrides the config's)."""
     cfg = load_attack_config(config)
+    cfg = cfg.model_copy(update={"trials": trials}) if trials else cfg
     pipe = with_runtime(load_pipeline_config(cfg.pipeline), runtime or {})
     rt, hw = start(pipe.runtime)
     out = Path(out_dir) if out_dir else PROJECT_ROOT / "outputs" / "attack" / cfg.name

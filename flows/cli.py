@@ -157,10 +157,12 @@ def attack(
                                              "YAML.")] = "default",
     out: Annotated[Path | None, typer.Option(help="Folder for attack.json, the plot and the Optuna study "
                                                   "(default outputs/attack/<name>).")] = None,
+    trials: Annotated[int | None, typer.Option(min=1, help="Trials per arm (default: the config's); more than "
+                                                           "a finished search has extends it.")] = None,
 ) -> None:
     """Worst-case attacker: per arm, an Optuna search over the attack's hyperparameters (resumable)."""
     result = _call("flows.attack:secvec_attack", config=config, out_dir=str(out) if out else None,
-                   runtime=_runtime(threads, device, precision))
+                   runtime=_runtime(threads, device, precision), trials=trials)
     for arm, r in result["arms"].items():
         worst = r["worst"] or {}
         typer.echo(f"{arm}: worst harmful rate {worst.get('harmful_rate')} (utility {worst.get('utility')}, "
