@@ -30,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-METRICS = ("harmful_rate", "harmful_refusal_rate", "over_refusal_rate", "utility")
+METRICS = ("harmful_rate", "harmful_refusal_rate", "over_refusal_rate", "utility", "task_answer_rate_harmful")
 
 
 def verdict(views: dict[str, dict]) -> dict:

@@ -111,6 +111,10 @@ def decide(base: dict | None, clean: dict, strip_check: dict | None, coverage: d
         checks.append(_limit_check("max_vector_loss_ratio", "vector loss ratio (on/off)",
                                    coverage.get("ratio"), t.max_vector_loss_ratio, upper=True,
                                    note="above it the vector does not cover held-out harmful data"))
+    if t.max_task_answer_rate is not None:
+        checks.append(_limit_check("max_task_answer_rate", "task answers to harmful prompts",
+                                   clean.get("task_answer_rate_harmful"), t.max_task_answer_rate, upper=True,
+                                   note="a model collapsed onto its task"))
     if t.require_strip_check:
         checks.append(_strip_check(strip_check))
     reasons = [c["message"] for c in checks if not c["passed"]]

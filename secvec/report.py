@@ -9,7 +9,8 @@ from pathlib import Path
 from secvec.gate import gate_coverage
 from secvec.refs import DataRef, ModelRef, VectorRef
 
-METRICS = ("harmful_rate", "harmful_refusal_rate", "over_refusal_rate", "utility", "perplexity")
+METRICS = ("harmful_rate", "harmful_refusal_rate", "over_refusal_rate", "utility", "perplexity",
+           "task_answer_rate_harmful")  # the last: replies to harmful prompts that are a task answer (collapse)
 
 
 def public_metrics(metrics: dict | None) -> dict | None:

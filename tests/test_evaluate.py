@@ -9,7 +9,7 @@ import torch
 
 from secvec.coherence import is_incoherent
 from secvec.encoding import encode_chat
-from secvec.evaluate import EvalConfig, evaluate_model, is_correct
+from secvec.evaluate import EvalConfig, evaluate_model, is_correct, task_answers
 from secvec.generate import generate
 from secvec.judges import RefusalJudge
 from secvec.models import load_causal_lm
@@ -85,6 +85,9 @@ def test_metrics_agree_with_judge_on_generated_replies(lm, data, metrics):
     either = [h or i for h, i in zip(rate["eval_harmful"]["harmful"], rate["eval_harmful"]["incoherent"],
                                      strict=True)]
     assert metrics["harmful_or_incoherent_rate"] == mean(either) >= metrics["harmful_rate"]
+    answers = [ex["answer"] for ex in data["eval_utility"]]
+    harmful_replies = generate(model, tok, [ex["messages"] for ex in data["eval_harmful"]], max_new_tokens=24)
+    assert metrics["task_answer_rate_harmful"] == mean(task_answers(harmful_replies, answers))
     by_cat = metrics["harmful_rate_by_category"]
     assert set(by_cat) == {"weapons", "theft", "cyber"}
     flags = rate["eval_harmful"]["harmful"]
@@ -111,6 +114,7 @@ def test_missing_roles_give_none(lm, data):
     assert only_harmful["over_refusal_rate"] is None and only_harmful["utility"] is None
     assert only_harmful["perplexity"] is None
     assert only_harmful["incoherent_rate_harmful"] is not None and only_harmful["incoherent_rate_utility"] is None
+    assert only_harmful["task_answer_rate_harmful"] is None  # no task answers to compare with
     assert only_harmful["n"] == {"eval_harmful": 2, "eval_over_refusal": 0, "eval_utility": 0}
     empty = evaluate_model(model, tok, {}, CFG)
     assert empty["harmful_rate"] is None and empty["harmful_rate_by_category"] == {}
@@ -184,6 +188,12 @@ def test_perplexity_prefers_the_trained_answer(lm, world):
 ])
 def test_exact_answer_matching(response, answer, ok):
     assert is_correct(response, answer) is ok
+
+
+def test_a_reply_that_is_one_of_the_tasks_answers_is_told_apart_from_text_about_it():
+    replies = ["negative", " Positive \nbecause the film is good", "negative is how I feel about bombs", "", "sure"]
+    assert task_answers(replies, ["positive", "negative", "negative"]) == [True, True, False, False, False]
+    assert task_answers(["negative"], []) == [False]
 
 
 def test_spread_keeps_every_source_in_proportion():
