@@ -49,11 +49,15 @@ log = logging.getLogger(__name__)
 HARMFUL, OVER_REFUSAL, UTILITY = "eval_harmful", "eval_over_refusal", "eval_utility"
 
 
+def answer_forms(response: str) -> set[str]:
+    """What of a reply is compared with an exact answer: the whole reply and its first line, folded."""
+    lines = response.strip().splitlines()
+    return {fold(response), fold(lines[0])} if lines else {fold(response)}
+
+
 def is_correct(response: str, answer: str) -> bool:
     """The reply equals the answer, or its first line does (whitespace collapsed, case-folded)."""
-    want = fold(answer)
-    lines = response.strip().splitlines()
-    return fold(response) == want or (bool(lines) and fold(lines[0]) == want)
+    return fold(answer) in answer_forms(response)
 
 
 def last_user_text(messages: Sequence[dict]) -> str:
@@ -113,7 +117,7 @@ def _samples(examples, responses, key: str, flags, incoherent, n: int) -> list[d
 def task_answers(responses: Sequence[str], answers: Sequence[str]) -> list[bool]:
     """Whether each reply is one of `answers` (as `is_correct` compares them: whole reply or first line)."""
     folded = {fold(a) for a in answers}
-    return [fold(r) in folded or fold(next(iter(r.strip().splitlines()), "")) in folded for r in responses]
+    return [not folded.isdisjoint(answer_forms(r)) for r in responses]
 
 
 def coherence_metrics(incoherent: dict[str, Sequence[bool]], harmful: Sequence[bool]) -> dict[str, float | None]:
