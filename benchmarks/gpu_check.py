@@ -561,7 +561,7 @@ def parse_args(argv: Iterable[str] | None = None) -> argparse.Namespace:
         help="sgd keeps rounding gaps proportional to the gradients; adamw normalises each update, so a "
              "near-zero gradient whose sign rounding flips moves a weight by a full lr in one mode only")
     add("--equiv-lr", type=float, default=0.05)
-    add("--equiv-tol", type=float, help="relative tolerance (default: 1e-5 fp32 on CPU, 1e-2 bf16 autocast)")
+    add("--equiv-tol", type=float, help="relative tolerance (default: 1e-5 fp32 on CPU, 1e-4 with adamw, 1e-2 bf16 autocast)")
     add("--out", type=Path, help="also write the JSON lines to this file")
     args = parser.parse_args(argv)
     if min(args.rounds, args.steps, args.equiv_steps) < 1 or args.warmup < 0:
@@ -607,7 +607,8 @@ def run(args: argparse.Namespace, emit: Emitter) -> int:
     build_s = round(time.perf_counter() - start, 2)
     emit({**environment(args, size, device, template, vector), "build_s": build_s})
     emit.phase = "equivalence"
-    tol = args.equiv_tol or (1e-2 if device.type == "cuda" else 1e-5)
+    # AdamW amplifies rounding in tiny gradients (tests/test_gpu_check.py): a looser fp32 default for it
+    tol = args.equiv_tol or (1e-2 if device.type == "cuda" else 1e-4 if args.equiv_optim == "adamw" else 1e-5)
     batches = make_batches(args.equiv_steps + 1, size, args.seed + 10, device)
     check = equivalence(template, vector, batches[:-1], batches[-1], device, args.equiv_optim, args.equiv_lr,
                         tol, args.seed)

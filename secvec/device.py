@@ -8,6 +8,8 @@ exact, as in fp32. Evaluation and generation load the weights in the compute dty
 from __future__ import annotations
 
 import logging
+import os
+import platform
 from dataclasses import dataclass
 
 import torch
@@ -41,7 +43,23 @@ class Hardware:
         """What the report and MLflow record of the runtime."""
         return {"device": self.device, "precision": self.precision, "threads": self.threads,
                 "gradient_checkpointing": self.gradient_checkpointing, "torch": torch.__version__,
-                "device_name": torch.cuda.get_device_name() if self.device == "cuda" else self.device}
+                "device_name": torch.cuda.get_device_name() if self.device == "cuda" else self.device,
+                # the CPU and the kernels it ran: the bits depend on them (secvec/__init__.py pins them)
+                "cpu": cpu_name(), "cpu_kernels": torch.backends.cpu.get_cpu_capability(),
+                "mkl_cbwr": os.environ.get("MKL_CBWR", "")}
+
+
+def cpu_name() -> str:
+    """The CPU's model name, family and model (/proc/cpuinfo on Linux; a VM may show only "AMD EPYC", whose
+    generations differ in kernels), else what `platform` knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            fields = dict(line.split(":", 1) for line in f.read().split("\n\n")[0].splitlines() if ":" in line)
+    except OSError:
+        return platform.processor() or platform.machine()
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    return f"{fields.get('model name', platform.machine())} (family {fields.get('cpu family', '?')} model " \
+           f"{fields.get('model', '?')})"
 
 
 CPU = Hardware("cpu", "fp32")  # what every library function assumes when it is given no hardware

@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -39,3 +46,23 @@ def test_gradient_checkpointing_still_trains_a_vector_over_a_frozen_backbone(mic
     assert any(p.abs().sum() > 0 for n, p in vector.named_parameters() if "lora_B" in n)  # B starts at zero
     losses = [r["loss"] for r in meta["history"] if "loss" in r]
     assert losses and losses[-1] < losses[0] + 1e-6
+
+
+def _kernels_in_a_fresh_process(env: dict[str, str]) -> dict:
+    code = ("import json, os, secvec, torch; from secvec.device import CPU; "
+            "print(json.dumps({**CPU.describe(), 'mkl_env': os.environ.get('MKL_CBWR')}))")
+    base = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", "MKL_CBWR")}
+    out = subprocess.run([sys.executable, "-c", code], env={**base, **env}, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_cpu_kernels_are_pinned_to_avx2_before_torch_starts_and_recorded():
+    """Another CPU generation of one machine kind took other kernels and gave other bits; importing secvec pins
+    torch's and MKL's code paths (unless the user chose one) and the runtime record says which ran."""
+    if platform.machine() != "x86_64" or " avx2" not in Path("/proc/cpuinfo").read_text():
+        pytest.skip("the pin applies to x86 CPUs with AVX2 only")
+    pinned_run = _kernels_in_a_fresh_process({})
+    assert (pinned_run["cpu_kernels"], pinned_run["mkl_cbwr"]) == ("AVX2", "AVX2")
+    assert "family" in pinned_run["cpu"]
+    chosen = _kernels_in_a_fresh_process({"ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "COMPATIBLE"})
+    assert (chosen["cpu_kernels"], chosen["mkl_cbwr"]) == ("DEFAULT", "COMPATIBLE")

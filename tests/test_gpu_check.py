@@ -130,8 +130,12 @@ def test_a_wrong_strip_fails_the_equivalence_check(gpu_check, strip_scale):
 
 def test_the_right_strip_passes_with_adamw_too_in_fp32(gpu_check):
     template, vector, batches, device = tiny_setup(gpu_check)
-    check = gpu_check.equivalence(template, vector, batches[:-1], batches[-1], device, "adamw", 1e-4, 1e-5, 0)
+    # AdamW steps every weight by ~lr whatever its gradient's size, so rounding noise in tiny gradients moves
+    # weights as much as signal: the merged/adapter gap reached 1.2e-5 relative on one CPU, under 1e-5 on
+    # another. 1e-4 still sits 100x under a wrong strip (> 1e-2, test above) and 1e4x under the control.
+    check = gpu_check.equivalence(template, vector, batches[:-1], batches[-1], device, "adamw", 1e-4, 1e-4, 0)
     assert check["passed"] is True, check
+    assert check["control_vector_left_in"]["relative"] > 1e-1
 
 
 def test_budget_cuts_rounds_short_and_says_so(gpu_check, capsys):
