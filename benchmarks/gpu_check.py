@@ -561,7 +561,8 @@ def parse_args(argv: Iterable[str] | None = None) -> argparse.Namespace:
         help="sgd keeps rounding gaps proportional to the gradients; adamw normalises each update, so a "
              "near-zero gradient whose sign rounding flips moves a weight by a full lr in one mode only")
     add("--equiv-lr", type=float, default=0.05)
-    add("--equiv-tol", type=float, help="relative tolerance (default: 1e-5 fp32 on CPU, 1e-4 with adamw, 1e-2 bf16 autocast)")
+    add("--equiv-tol", type=float,
+        help="relative tolerance (default: 1e-5 fp32 on CPU, 1e-4 with adamw, 1e-2 bf16 autocast)")
     add("--out", type=Path, help="also write the JSON lines to this file")
     args = parser.parse_args(argv)
     if min(args.rounds, args.steps, args.equiv_steps) < 1 or args.warmup < 0:

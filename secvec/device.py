@@ -54,13 +54,12 @@ def cpu_name() -> str:
     generations differ in kernels), else what `platform` knows."""
     try:
         with open("/proc/cpuinfo") as f:
-            fields = dict(line.split(":", 1) for line in f.read().split("\n\n")[0].splitlines() if ":" in line)
+            first_cpu = f.read().split("\n\n")[0]
     except OSError:
         return platform.processor() or platform.machine()
-    fields = {k.strip(): v.strip() for k, v in fields.items()}
-    return f"{fields.get('model name', platform.machine())} (family {fields.get('cpu family', '?')} model " \
-           f"{fields.get('model', '?')})"
-
+    fields = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in first_cpu.splitlines())}
+    return f"{fields.get('model name', platform.machine())} (family {fields.get('cpu family', '?')} " \
+           f"model {fields.get('model', '?')})"
 
 CPU = Hardware("cpu", "fp32")  # what every library function assumes when it is given no hardware
 
