@@ -1,8 +1,8 @@
 """What torch's thread count changes: the micro base bootstrapped twice at each thread count, in fresh processes.
 
-usage: python benchmarks/threads.py [--threads 1 2] [--size micro]
+usage: [SECVEC_KERNELS=portable] python benchmarks/threads.py [--threads 1 2] [--size micro]
 
-Prints one JSON line per run (threads, sha256 of the saved base, final training loss) and a summary line:
+Prints one JSON line per run (threads, CPU kernels, sha256 of the saved base, final training loss) and a summary line:
 whether runs at one thread count are bit-identical, and whether different thread counts agree.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -22,7 +23,7 @@ from secvec.bootstrap import bootstrap_base
 from secvec.config import BootstrapConfig, load_data_config
 from secvec.data import TRAIN_ROLES, load_role
 from secvec.data.build import build_dataset
-from secvec.device import Hardware, apply_threads
+from secvec.device import CPU, Hardware, apply_threads
 from secvec.models import hash_model_dir
 from secvec.paths import PROJECT_ROOT
 
@@ -32,7 +33,8 @@ build_dataset(load_data_config(PROJECT_ROOT / "configs" / "data" / "micro.yaml")
 vocab = [m["content"] for r in TRAIN_ROLES for ex in load_role(out / "data", r) for m in ex["messages"]]
 cfg = BootstrapConfig(size=size, train={"learning_rate": 3e-3, "epochs": 3, "batch_size": 32, "progress_bar": False})
 history = bootstrap_base(load_role(out / "data", "align"), cfg, out / "base", vocab)
-print(json.dumps({"threads": threads, "sha256": hash_model_dir(out / "base"),
+kernels = {k: v for k, v in CPU.describe().items() if k in ("cpu_kernels", "mkl_cbwr")}
+print(json.dumps({"threads": threads, **kernels, "sha256": hash_model_dir(out / "base"),
                   "final_loss": next(r["train_loss"] for r in reversed(history) if "train_loss" in r)}))
 """
 
@@ -41,7 +43,8 @@ def run(threads: int, size: str) -> dict:
     with tempfile.TemporaryDirectory(prefix="secvec-threads-") as tmp:
         out = subprocess.run([sys.executable, "-c", CHILD, str(threads), size, tmp], capture_output=True, text=True,
                              check=True, env={"OMP_NUM_THREADS": str(threads), "PATH": "/usr/bin:/bin",
-                                              "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
+                                              "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+                                              "SECVEC_KERNELS": os.environ.get("SECVEC_KERNELS", "native")})
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

@@ -11,24 +11,30 @@ __version__ = "0.1.0"
 
 
 def _pin_cpu_kernels() -> None:
-    """Run torch's and MKL's CPU kernels on their AVX2 code paths on every x86 machine with AVX2.
+    """With `SECVEC_KERNELS=portable`, run torch's and MKL's CPU kernels on code paths every x86 CPU with AVX2
+    computes alike.
 
-    The same config and threads gave other bits on another machine of one kind: its CPU took other kernels (the
-    micro base hashes differently under ATEN_CPU_CAPABILITY=default or MKL_CBWR=COMPATIBLE than under AVX2, at
-    the same final loss to 1e-7; docs/RELIABILITY.md). Both are read once, when torch and MKL start, hence here,
-    before anything imports torch. `setdefault`: a user may choose others (e.g. `ATEN_CPU_CAPABILITY=avx512` for
-    speed) and the report records what ran (`runtime.cpu_kernels`).
+    By default each CPU takes its fastest kernels, and the bits (base, vector, report) are those of its CPU
+    model and thread count: an Intel Xeon with AVX-512 and an AMD EPYC with AVX2 bootstrapped other micro bases
+    at one config and thread count. `ATEN_CPU_CAPABILITY=avx2` with MKL's conditional numerical reproducibility
+    `MKL_CBWR=COMPATIBLE` gave both CPUs one micro base, at 1 and at 2 threads; `MKL_CBWR=AVX2` did not
+    (docs/RELIABILITY.md). It costs 3-4x the training time, hence opt-in. Both are read once, when torch and
+    MKL start, hence here, before anything imports torch; a user's own ATEN_CPU_CAPABILITY or MKL_CBWR wins,
+    and the report records what ran (`runtime.cpu_kernels`, `runtime.mkl_cbwr`).
     """
-    if platform.machine().lower() not in ("x86_64", "amd64"):
+    choice = os.environ.get("SECVEC_KERNELS", "native")
+    if choice not in ("native", "portable"):
+        raise ValueError(f"SECVEC_KERNELS={choice!r}: expected 'native' or 'portable'")
+    if choice == "native" or platform.machine().lower() not in ("x86_64", "amd64"):
         return
     try:
         with open("/proc/cpuinfo") as f:
             has_avx2 = " avx2" in f.read()
     except OSError:
-        return
-    if has_avx2:  # forcing a code path the CPU lacks would crash on an illegal instruction
-        os.environ.setdefault("ATEN_CPU_CAPABILITY", "avx2")
-        os.environ.setdefault("MKL_CBWR", "AVX2")
+        has_avx2 = False
+    # forcing a code path the CPU lacks would crash on an illegal instruction
+    os.environ.setdefault("ATEN_CPU_CAPABILITY", "avx2" if has_avx2 else "default")
+    os.environ.setdefault("MKL_CBWR", "COMPATIBLE")
 
 
 _pin_cpu_kernels()

@@ -44,7 +44,7 @@ class Hardware:
         return {"device": self.device, "precision": self.precision, "threads": self.threads,
                 "gradient_checkpointing": self.gradient_checkpointing, "torch": torch.__version__,
                 "device_name": torch.cuda.get_device_name() if self.device == "cuda" else self.device,
-                # the CPU and the kernels it ran: the bits depend on them (secvec/__init__.py pins them)
+                # the CPU and the kernels it ran: the bits depend on them (SECVEC_KERNELS, secvec/__init__.py)
                 "cpu": cpu_name(), "cpu_kernels": torch.backends.cpu.get_cpu_capability(),
                 "mkl_cbwr": os.environ.get("MKL_CBWR", "")}
 

@@ -50,18 +50,25 @@ def test_gradient_checkpointing_still_trains_a_vector_over_a_frozen_backbone(mic
 
 def _kernels_in_a_fresh_process(env: dict[str, str]) -> dict:
     code = "import json, secvec; from secvec.device import CPU; print(json.dumps(CPU.describe()))"
-    base = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", "MKL_CBWR")}
-    out = subprocess.run([sys.executable, "-c", code], env={**base, **env}, capture_output=True, text=True, check=True)
+    base = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "SECVEC_KERNELS")}
+    out = subprocess.run([sys.executable, "-c", code], env={**base, **env}, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def test_cpu_kernels_are_pinned_to_avx2_before_torch_starts_and_recorded():
-    """Another CPU generation of one machine kind took other kernels and gave other bits; importing secvec pins
-    torch's and MKL's code paths (unless the user chose one) and the runtime record says which ran."""
+def test_portable_kernels_are_pinned_before_torch_starts_and_every_run_records_its_kernels():
+    """Intel and AMD CPUs of one machine kind took other kernels and gave other bits; SECVEC_KERNELS=portable
+    pins torch's and MKL's code paths (unless the user chose one) and the runtime record says which ran."""
     if platform.machine() != "x86_64" or " avx2" not in Path("/proc/cpuinfo").read_text():
-        pytest.skip("the pin applies to x86 CPUs with AVX2 only")
-    pinned_run = _kernels_in_a_fresh_process({})
-    assert (pinned_run["cpu_kernels"], pinned_run["mkl_cbwr"]) == ("AVX2", "AVX2")
-    assert "family" in pinned_run["cpu"]
-    chosen = _kernels_in_a_fresh_process({"ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "COMPATIBLE"})
+        pytest.skip("the portable path is pinned on x86 CPUs with AVX2")
+    native = _kernels_in_a_fresh_process({})
+    assert native["mkl_cbwr"] == "" and native["cpu_kernels"] in ("AVX2", "AVX512")
+    assert "family" in native["cpu"]
+    portable = _kernels_in_a_fresh_process({"SECVEC_KERNELS": "portable"})
+    assert (portable["cpu_kernels"], portable["mkl_cbwr"]) == ("AVX2", "COMPATIBLE")
+    chosen = _kernels_in_a_fresh_process({"SECVEC_KERNELS": "portable", "ATEN_CPU_CAPABILITY": "default"})
     assert (chosen["cpu_kernels"], chosen["mkl_cbwr"]) == ("DEFAULT", "COMPATIBLE")
+    code = "import secvec"
+    bad = subprocess.run([sys.executable, "-c", code], env={**os.environ, "SECVEC_KERNELS": "fast"},
+                         capture_output=True, text=True)
+    assert bad.returncode != 0 and "SECVEC_KERNELS='fast'" in bad.stderr
