@@ -11,8 +11,8 @@ __version__ = "0.1.0"
 
 
 def _pin_cpu_kernels() -> None:
-    """With `SECVEC_KERNELS=portable`, run torch's and MKL's CPU kernels on code paths every x86 CPU with AVX2
-    computes alike.
+    """With `SECVEC_KERNELS=portable`, run torch's and MKL's CPU kernels on code paths on which an Intel and an
+    AMD CPU computed the same bits.
 
     By default each CPU takes its fastest kernels, and the bits (base, vector, report) are those of its CPU
     model and thread count: an Intel Xeon with AVX-512 and an AMD EPYC with AVX2 bootstrapped other micro bases
