@@ -18,18 +18,14 @@ import sys
 
 CHILD = """
 import json, sys, time, torch
-from secvec.bootstrap import SIZES
+from benchmarks.common import build_model, workload
 from secvec.device import CPU
-from transformers import LlamaConfig, LlamaForCausalLM
 
 torch.set_num_threads(int(sys.argv[1]))
-hidden, layers, heads, intermediate, vocab = SIZES["tiny"]
-torch.manual_seed(0)
-model = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
-                                     num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
-                                     max_position_embeddings=512, tie_word_embeddings=True))
+tokenizer = workload().tokenizer
+model = build_model(tokenizer, "tiny")
 optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-batch = torch.randint(0, vocab, (16, 96))
+batch = torch.randint(0, len(tokenizer), (16, 96))
 
 def step():
     model(input_ids=batch, labels=batch).loss.backward()
@@ -41,7 +37,8 @@ for _ in range(3):  # warm-up: allocator, kernel caches
 start = time.perf_counter()
 for _ in range(10):
     step()
-print(json.dumps({**{k: CPU.describe()[k] for k in ("cpu", "cpu_kernels", "mkl_cbwr")},
+described = CPU.describe()
+print(json.dumps({**{k: described[k] for k in ("cpu", "cpu_kernels", "mkl_cbwr")},
                   "s_per_step": (time.perf_counter() - start) / 10}))
 """
 

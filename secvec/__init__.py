@@ -18,7 +18,7 @@ def _pin_cpu_kernels() -> None:
     model and thread count: an Intel Xeon with AVX-512 and an AMD EPYC with AVX2 bootstrapped other micro bases
     at one config and thread count. `ATEN_CPU_CAPABILITY=avx2` with MKL's conditional numerical reproducibility
     `MKL_CBWR=COMPATIBLE` gave both CPUs one micro base, at 1 and at 2 threads; `MKL_CBWR=AVX2` did not
-    (docs/RELIABILITY.md). It costs 3.6-4.1x the training time (benchmarks/kernels.py), hence opt-in. Both are
+    (docs/RELIABILITY.md). It costs 3.2-3.9x the training time (benchmarks/kernels.py), hence opt-in. Both are
     read once, when torch and MKL start, hence here, before anything imports torch; a user's own
     ATEN_CPU_CAPABILITY or MKL_CBWR wins, and the report records what ran (`runtime.cpu_kernels`, `mkl_cbwr`).
     """

@@ -61,6 +61,7 @@ def cpu_name() -> str:
     return f"{fields.get('model name', platform.machine())} (family {fields.get('cpu family', '?')} " \
            f"model {fields.get('model', '?')})"
 
+
 CPU = Hardware("cpu", "fp32")  # what every library function assumes when it is given no hardware
 
 
