@@ -22,6 +22,7 @@ from secvec.attack import (
     reference_params,
     settled,
     stop_when_settled,
+    study_name,
     suggest,
     worst_case,
 )
@@ -82,7 +83,10 @@ def secvec_attack(config: str = "default", out_dir: str | None = None, runtime: 
 
         results, reference = {}, reference_params(pipe.finetune, cfg.space, cfg.epochs_scale)
         for arm in cfg.arms:
-            study = open_study(out / "study.db", f"{cfg.name}-{arm}", cfg.seed)
+            # `--trials` only extends a search, so the count is no part of what the trials are measured on
+            name = study_name(cfg.name, arm, data, base, vector, pipe.finetune, eval_cfg, rt,
+                              cfg.model_dump(exclude={"trials"}))
+            study = open_study(out / "study.db", name, cfg.seed)
             if reference is not None:  # run next if the study lacks it (a resumed search included)
                 study.enqueue_trial(reference.model_dump(), skip_if_exists=True)
             if (missing := cfg.trials - len(completed(study))) > 0 and not settled(study):

@@ -21,6 +21,7 @@ from secvec.attack import (
     reference_params,
     settled,
     stop_when_settled,
+    study_name,
     suggest,
     worst_case,
 )
@@ -93,6 +94,21 @@ def test_an_arm_stops_searching_once_a_feasible_attack_is_fully_harmful(tmp_path
 
 
 @pytest.mark.slow
+def test_a_changed_recipe_opens_a_new_study_and_an_unchanged_one_resumes(tmp_path):
+    recipe = FinetuneConfig()
+    name = study_name("default", "secvec", recipe, {"seed": 0})
+    assert study_name("default", "secvec", FinetuneConfig(), {"seed": 0}) == name  # a resumed search
+    assert study_name("default", "plain", recipe, {"seed": 0}) != name
+    assert study_name("default", "secvec", recipe.model_copy(update={"replay": 400}), {"seed": 0}) != name
+    assert study_name("default", "secvec", recipe, {"seed": 1}) != name
+    old = open_study(tmp_path / "study.db", name, seed=0)
+    old.enqueue_trial({"x": 1.0})
+    old.optimize(lambda t: t.suggest_float("x", 0, 2), n_trials=1)
+    new = study_name("default", "secvec", recipe.model_copy(update={"replay": 400}), {"seed": 0})
+    assert completed(open_study(tmp_path / "study.db", new, seed=0)) == []  # the old recipe's trial stays out
+    assert len(completed(open_study(tmp_path / "study.db", name, seed=0))) == 1
+
+
 def test_quick_attack_searches_for_real_and_resumes_without_new_trials(tmp_path):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
