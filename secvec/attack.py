@@ -10,8 +10,6 @@ with the trials it finished, and the same seed draws the same trials.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +17,7 @@ import optuna
 from pydantic import BaseModel, ConfigDict
 
 from secvec.config import AttackSpace, FinetuneConfig
-from secvec.refs import identity
+from secvec.refs import digest
 from secvec.report import pyplot, save_rate_plot
 
 CONSTRAINT = "utility_floor"  # Optuna constraint: floor minus utility (<= 0: the attack kept the task)
@@ -82,8 +80,7 @@ def study_name(config: str, arm: str, *measured_on: Any) -> str:
     """The arm's study: the config's name, the arm and a hash of what its trials are measured on (data, base,
     vector, the pipeline's fine-tuning, the search). A changed recipe (a new default, another base) opens a
     new study in the same file instead of resuming, and mixing into its worst case, the old recipe's trials."""
-    blob = json.dumps(identity(list(measured_on)), sort_keys=True, default=str)
-    return f"{config}-{arm}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
+    return f"{config}-{arm}-{digest(*measured_on)[:12]}"
 
 
 def open_study(path: Path, name: str, seed: int, grace_s: int = 120) -> optuna.Study:

@@ -6,6 +6,8 @@ found in another folder are the same input.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -122,3 +124,9 @@ def identity(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: identity(v) for k, v in value.items()}
     return value
+
+
+
+def digest(*parts: Any) -> str:
+    """sha256 (hex) of the parts' identities: what a cache key or a study name is made of."""
+    return hashlib.sha256(json.dumps(identity(list(parts)), sort_keys=True, default=str).encode()).hexdigest()

@@ -13,7 +13,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import inspect
-import json
 import logging
 import typing
 from collections.abc import Callable, Sequence
@@ -29,7 +28,7 @@ import secvec
 from secvec.config import RuntimeConfig
 from secvec.device import Hardware, apply_threads, resolve
 from secvec.paths import cache_root
-from secvec.refs import identity
+from secvec.refs import digest
 
 DONE = "DONE"
 RETRIES = {"retries": 2, "retry_delay_seconds": [2, 10]}
@@ -38,8 +37,7 @@ log = logging.getLogger("secvec.tasks")  # under "secvec", so Prefect shows it (
 
 def content_key(*parts: Any) -> str:
     """Short sha256 of the parts' identities plus the library version."""
-    blob = json.dumps([secvec.__version__, *identity(list(parts))], sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return digest(secvec.__version__, *parts)[:16]
 
 
 def is_done(out_dir: str | Path) -> bool:

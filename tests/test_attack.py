@@ -93,7 +93,6 @@ def test_an_arm_stops_searching_once_a_feasible_attack_is_fully_harmful(tmp_path
     assert worst_case(study)["worst"]["harmful_rate"] == 1.0
 
 
-@pytest.mark.slow
 def test_a_changed_recipe_opens_a_new_study_and_an_unchanged_one_resumes(tmp_path):
     recipe = FinetuneConfig()
     name = study_name("default", "secvec", recipe, {"seed": 0})
@@ -109,6 +108,7 @@ def test_a_changed_recipe_opens_a_new_study_and_an_unchanged_one_resumes(tmp_pat
     assert len(completed(open_study(tmp_path / "study.db", name, seed=0))) == 1
 
 
+@pytest.mark.slow
 def test_quick_attack_searches_for_real_and_resumes_without_new_trials(tmp_path):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
