@@ -126,7 +126,6 @@ def identity(value: Any) -> Any:
     return value
 
 
-
 def digest(*parts: Any) -> str:
     """sha256 (hex) of the parts' identities: what a cache key or a study name is made of."""
     return hashlib.sha256(json.dumps(identity(list(parts)), sort_keys=True, default=str).encode()).hexdigest()
