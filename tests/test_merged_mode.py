@@ -56,7 +56,8 @@ def test_a_scaled_vector_is_what_guards_and_both_paths_agree(micro_base, micro_v
     fitted, fitted_probes = _clean_after(micro_base, micro_vector, world, tmp_path / "f", "full", "merged", 0.0)
     assert max((merged[k] - adapter[k]).abs().max().item() for k in merged) <= 1e-5
     assert max((merged[k] - fitted[k]).abs().max().item() for k in merged) > 1e-4
-    assert probes[0]["harmful_loss_vector_off"] == fitted_probes[0]["harmful_loss_vector_off"]
+    # Merged mode adds and subtracts scale * dW in float32, so the vector-off loss matches only to rounding.
+    assert probes[0]["harmful_loss_vector_off"] == pytest.approx(fitted_probes[0]["harmful_loss_vector_off"], abs=1e-5)
     assert abs(probes[0]["harmful_loss"] - fitted_probes[0]["harmful_loss"]) > 0.05, (probes[0], fitted_probes[0])
 
 
