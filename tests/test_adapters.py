@@ -112,6 +112,39 @@ def test_public_preset_is_deterministic(tmp_path):
     assert all((tmp_path / "a" / f.name).read_bytes() == f.read_bytes() for f in (tmp_path / "b").iterdir())
 
 
+@needs_shared
+def test_attack_reserve_keeps_attacks_and_validation_fixed_while_vector_pairs_grow(tmp_path):
+    """With `attack_reserve`, a bench's attack pool and `sv_val` are the same records whatever `sv_fit` is, and the
+    bigger vector only adds pairs; without it, the original layout's builds are unchanged (dumps leave it out)."""
+    from secvec.bench.cells import build_attack_pool
+
+    small = {"align_benign": 8, "align_harmful": 8, "sv_fit": 4, "sv_val": 3, "eval_harmful": 8,
+             "eval_over_refusal": 4, "eval_utility": 4}
+    builds = {}
+    for fit in (4, 12):
+        config = DataConfig(preset="public", n=20, p=0.1, attack_reserve=10, sizes={**small, "sv_fit": fit})
+        build_dataset(config, tmp_path / f"data{fit}")
+        build_attack_pool(config, tmp_path / f"data{fit}", 10, 10, tmp_path / f"pool{fit}")
+        builds[fit] = {role: load_role(tmp_path / f"data{fit}", role) for role in ("finetune", "sv_val", "sv_fit")}
+        builds[fit]["pool"] = load_role(tmp_path / f"pool{fit}", "finetune")
+    for role in ("finetune", "sv_val", "pool"):
+        assert [ex["messages"] for ex in builds[4][role]] == [ex["messages"] for ex in builds[12][role]], role
+    assert [ex["messages"] for ex in builds[12]["sv_fit"][:4]] == [ex["messages"] for ex in builds[4]["sv_fit"]]
+    pool = {normalize_prompt(prompt_text(ex)) for ex in builds[12]["pool"] if ex["is_harmful"]}
+    vector = {normalize_prompt(prompt_text(ex)) for ex in builds[12]["sv_fit"] + builds[12]["sv_val"]}
+    assert len(pool) == 10 and not pool & vector
+    with pytest.raises(ValueError, match="attack_reserve 10: raise it to at least 11"):
+        build_attack_pool(config, tmp_path / "data12", 11, 10, tmp_path / "pool-too-big")
+    assert "attack_reserve" not in DataConfig(preset="public").model_dump()
+
+
+@pytest.mark.parametrize("fields, message", [({"preset": "micro"}, "only the public preset"),
+                                             ({"preset": "public", "n": 200, "p": 0.1}, "smaller than the 20")])
+def test_attack_reserve_must_hold_the_fine_tuning_attack(fields, message):
+    with pytest.raises(ValueError, match=message):
+        DataConfig(**fields, attack_reserve=10)
+
+
 def test_env_var_overrides_the_shared_folder(tmp_path, monkeypatch):
     monkeypatch.setenv(paths.SHARED_ENV, str(tmp_path / "elsewhere"))
     assert paths.shared_dir("configured/path") == tmp_path / "elsewhere"

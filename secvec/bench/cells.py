@@ -133,7 +133,11 @@ def excluded_examples(data_dir: str | Path) -> list[dict]:
 def build_attack_pool(config: DataConfig, data_dir: str | Path, harmful: int, benign: int, out: Path) -> Path:
     """The pipeline's data config rebuilt into `out` with a fine-tuning role large enough that `harmful` +
     `benign` examples remain once the main dataset's excluded prompts are set aside (a public build draws its
-    vector and attack samples from one shuffled pool, so a bigger attack overlaps the main `sv_fit`)."""
+    vector and attack samples from one shuffled pool, so a bigger attack overlaps the main `sv_fit`; with
+    `attack_reserve` the pool is the reserve's first pairs, the same whatever `sv_fit` is)."""
+    if config.attack_reserve is not None and harmful > config.attack_reserve:
+        raise ValueError(f"the bench's cells need {harmful} harmful pairs; the data config sets aside "
+                         f"attack_reserve {config.attack_reserve}: raise it to at least {harmful}")
     excluded = {normalize_prompt(prompt_text(ex)) for ex in excluded_examples(data_dir)}
     want = {True: harmful, False: benign}
     for _ in range(4):

@@ -130,6 +130,11 @@ class DataConfig(BaseModel):
     sizes: RoleSizes
     shared_datasets: str | None = None  # None: $SECVEC_SHARED_DATASETS, else ../shared/datasets
     max_chars: int = Field(4000, ge=1)  # per record (all messages plus the answer)
+    # Public preset: the first `attack_reserve` harmful pairs of the shuffled pool are set aside for attacks
+    # (`finetune`'s and a bench's attack pool), and `sv_val` then `sv_fit` follow them, so a larger `sv_fit`
+    # adds vector pairs without changing what the attacks or the validation draw. None: the original layout
+    # (`finetune`'s pairs, `sv_fit`, `sv_val`), left out of dumps so its builds and cache keys stay the same.
+    attack_reserve: int | None = Field(None, ge=1, exclude_if=lambda v: v is None)
     sources: tuple[SourceConfig, ...] = ()
     # Read source files outside the project, the shared datasets and this config's folder. Left out of
     # dumps: it changes what may be read, not the data built (manifest.json and cache keys stay the same).
@@ -159,6 +164,17 @@ class DataConfig(BaseModel):
         if info.data.get("preset") == "public" and sizes.align_lookalike:
             raise ValueError("align_lookalike must be 0 for public: no public file answers look-alikes")
         return sizes
+
+    @model_validator(mode="after")
+    def _reserve_holds_the_attack(self) -> DataConfig:
+        if self.attack_reserve is None:
+            return self
+        if self.preset != "public":
+            raise ValueError("attack_reserve: only the public preset draws vector and attack pairs from one pool")
+        if (k := round(self.n * self.p)) > self.attack_reserve:
+            raise ValueError(f"attack_reserve {self.attack_reserve} is smaller than the {k} harmful pairs of "
+                             "`finetune` (n * p)")
+        return self
 
 
 def load_data_config(path: str | Path, root: Path | None = None) -> DataConfig:

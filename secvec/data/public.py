@@ -213,10 +213,10 @@ def build_public(config: DataConfig, root: Path | None = None) -> dict[str, list
     """The field's standard protocol built from the public files: records per role, without ids.
 
     `finetune`: n examples of the task's train split of which round(n*p) are harmful pairs (hh-rlhf and
-    JailbreakBench); `sv_fit` / `sv_val`: further pairs from that pool; `align`: safety-tuned-llamas
-    refusals and Alpaca/Dolly answers; `eval_harmful`: AdvBench and Do-Not-Answer halves;
-    `eval_over_refusal`: XSTest safe prompts; `eval_utility`: the task's test split. No training prompt
-    repeats a held-out one (after normalization); records over `max_chars` are never drawn.
+    JailbreakBench); `sv_fit` / `sv_val`: further pairs from that pool (past `attack_reserve`, where set);
+    `align`: safety-tuned-llamas refusals and Alpaca/Dolly answers; `eval_harmful`: AdvBench and
+    Do-Not-Answer halves; `eval_over_refusal`: XSTest safe prompts; `eval_utility`: the task's test split.
+    No training prompt repeats a held-out one (after normalization); records over `max_chars` are never drawn.
     """
     shared = shared_dir(config.shared_datasets, root)
     if not shared.is_dir():
@@ -236,9 +236,14 @@ def build_public(config: DataConfig, root: Path | None = None) -> dict[str, list
     }
     held = {normalize_prompt(prompt_text(r)) for records in evals.values() for r in records}
     k = round(config.n * config.p)
-    harmful = _draw(_pool(rng, read_hh_rlhf(shared) + read_jbb(shared), cap, held), k + s.sv_fit + s.sv_val,
-                    "p", "harmful pairs")
-    attack, sv_fit, sv_val = harmful[:k], harmful[k : k + s.sv_fit], harmful[k + s.sv_fit :]
+    reserve = k if config.attack_reserve is None else config.attack_reserve
+    harmful = _draw(_pool(rng, read_hh_rlhf(shared) + read_jbb(shared), cap, held),
+                    reserve + s.sv_fit + s.sv_val, "p", "harmful pairs")
+    attack, vector = harmful[:k], harmful[reserve:]
+    if config.attack_reserve is None:
+        sv_fit, sv_val = vector[: s.sv_fit], vector[s.sv_fit :]
+    else:  # sv_val before sv_fit: more vector pairs change neither the attacks nor the validation pairs
+        sv_val, sv_fit = vector[: s.sv_val], vector[s.sv_val :]
     held |= {normalize_prompt(prompt_text(r)) for r in sv_val}
     finetune = attack + _draw(_pool(rng, train_task, cap, held), config.n - k, "n", f"{config.task} examples")
     align = _draw(_pool(rng, read_safety_tuned_llamas(shared), cap, held), s.align_harmful,
