@@ -142,9 +142,12 @@ def bench(
     result = _call("flows.bench:run_bench", config="quick" if quick else config, out_dir=str(out) if out else None,
                    workers=workers, protocols=tuple(protocol) if protocol else None,
                    runtime=_runtime(threads, device, precision))
+    from secvec.bench.tables import verdict
+
     for target in result["targets"]:
-        value = "-" if target["value"] is None else f"{target['value']:.3f}"
-        typer.echo(f"{'ok  ' if target['passed'] else 'MISS'} {target['target']}: {value} ({target['goal']})")
+        label = {"passed": "ok  ", "missed": "MISS", "not measured": "n/a "}[verdict(target)]
+        value = "not measured" if target["value"] is None else f"{target['value']:.3f}"
+        typer.echo(f"{label} {target['target']}: {value} ({target['goal']})")
     typer.echo(f"bench: {result['config']} in {result['wall_s']:.0f} s")
 
 

@@ -21,7 +21,7 @@ from secvec.bench.cells import (
 )
 from secvec.bench.forgetfilter import forget_filter, forgetting, rouge1
 from secvec.bench.immunization import immunization, unseen_rate
-from secvec.bench.tables import aggregate, check_targets
+from secvec.bench.tables import aggregate, check_targets, verdict
 from secvec.config import ARMS, BenchConfig, FinetuneConfig, load_bench_config, load_pipeline_config
 from secvec.data import chat
 from secvec.refs import DataRef, ModelRef
@@ -93,6 +93,10 @@ def test_aggregate_and_targets():
     assert rows["plain raises harm"]["passed"] and rows["secvec harm vs base"]["passed"]
     assert rows["secvec utility / plain"]["value"] == pytest.approx(0.97)
     assert not rows["durability: worst cell (d1)"]["passed"]
+    without_plain = {r["target"]: verdict(r) for r in check_targets({"base": arms["base"], "secvec": arms["secvec"]},
+                                                                     "h", [])}
+    assert without_plain["plain raises harm"] == "not measured" and without_plain["secvec harm vs base"] == "passed"
+    assert verdict(rows["durability: worst cell (d1)"]) == "missed"
 
 
 def test_bench_config_cells():

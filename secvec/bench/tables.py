@@ -90,6 +90,11 @@ def check_targets(arms: Mapping[str, Mapping[str, Mapping]], headline: str, dura
     return rows
 
 
+def verdict(target: Mapping) -> str:
+    """passed, missed, or not measured (an arm the bench did not run): a missing number is never a pass."""
+    return "not measured" if target["value"] is None else "passed" if target["passed"] else "missed"
+
+
 def _fmt(stat: Mapping | None, digits: int = 3) -> str:
     if not stat:
         return "-"
@@ -129,11 +134,11 @@ def markdown_tables(bench: Mapping) -> str:
         for name, stats in screening.items():
             lines.append(f"| {name} | " + " | ".join(_fmt(stats[m]) for m in SCREEN_METRICS) + " |")
         lines.append("")
-    lines += ["## Targets", "", "| target | value | goal | passed |", "|---|---|---|---|"]
+    lines += ["## Targets", "", "| target | value | goal | verdict |", "|---|---|---|---|"]
     for t in bench["targets"]:
         signed = "+" if "+" in t["goal"] else ""  # rises are shown signed, ratios plain
         value = "-" if t["value"] is None else f"{t['value']:{signed}.3f}"
-        lines.append(f"| {t['target']} | {value} | {t['goal']} | {'yes' if t['passed'] else 'no'} |")
+        lines.append(f"| {t['target']} | {value} | {t['goal']} | {verdict(t)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -179,8 +184,7 @@ def mlflow_metrics(bench: Mapping) -> dict[str, float]:
 
 def target_tags(bench: Mapping) -> dict[str, str]:
     """`target/<name>`: passed or missed (tag keys keep only the characters MLflow allows)."""
-    return {"target/" + re.sub(r"[^\w\-. :/]", "", t["target"])[:200]: "passed" if t["passed"] else "missed"
-            for t in bench["targets"]}
+    return {"target/" + re.sub(r"[^\w\-. :/]", "", t["target"])[:200]: verdict(t) for t in bench["targets"]}
 
 
 def headline_rows(bench: Mapping) -> list[dict]:
