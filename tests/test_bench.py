@@ -187,3 +187,12 @@ def test_quick_bench_runs_for_real_and_secvec_blocks_the_harm(tmp_path):
     run = client.search_runs([client.get_experiment_by_name("secvec-bench").experiment_id])[0]
     assert f"{bench['headline']}/secvec/harmful_rate" in run.data.metrics
     assert "bench.json" in {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "bench")}
+
+    # benchmarks/coverage.py reads the bench's cached vector and cells: one line per set, nothing refitted
+    proc = subprocess.run([sys.executable, "benchmarks/coverage.py", "--config", "quick"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    coverage = {row["set"]: row for row in map(json.loads, proc.stdout.splitlines())}
+    assert set(coverage) == {f"cell {bench['headline']} (60h-140b)", "sv_val", "sv_fit"}, coverage
+    assert all(0 < row["ratio"] < 1 and 0 < row["first_k_ratio"] < 1 for row in coverage.values()), coverage
+    assert coverage["sv_fit"]["n"] == 40 and "train_runtime" not in proc.stdout + proc.stderr
