@@ -57,11 +57,14 @@ def main(argv: list[str] | None = None) -> int:
         pool = attack_pool(load_data_config(pipe.data), data, *pool_sizes(cfg))
         base, _ = resolve_base(base_pipeline(pipe, 0), data, rt, {})
         vector = fit_security_vector(base, data, vector_config(pipe.vector, 0), rt).vector
-        sets: dict[str, list[dict]] = {}
+        draws: dict[tuple[int, int], str] = {}  # (harmful, benign) -> the first cell that draws them
         for cell in expand_cells(cfg):
-            if cell.harmful and not any(name.endswith(f"({cell.harmful}h-{cell.benign}b)") for name in sets):
-                drawn = load_role(cell_data(data, pool, cell.harmful, cell.benign, 0).dir, "finetune")
-                sets[f"cell {cell.name} ({cell.harmful}h-{cell.benign}b)"] = [ex for ex in drawn if ex["is_harmful"]]
+            if cell.harmful:
+                draws.setdefault((cell.harmful, cell.benign), cell.name)
+        sets: dict[str, list[dict]] = {}
+        for (harmful, benign), name in draws.items():
+            drawn = load_role(cell_data(data, pool, harmful, benign, 0).dir, "finetune")
+            sets[f"cell {name} ({harmful}h-{benign}b)"] = [ex for ex in drawn if ex["is_harmful"]]
         sets["sv_val"] = load_role(data.dir, "sv_val")
         sets["sv_fit"] = [ex for ex in load_role(data.dir, "sv_fit") if ex["is_harmful"]]
         model, tokenizer = load_with_vector(base.dir, vector.dir, base.sha256, hw.device, hw.compute_dtype)
